@@ -1,0 +1,144 @@
+"""Weights in and out in timm's names and layouts.
+
+Our NNX parameter paths are timm's module paths, so the mapping is mechanical:
+    path  `stages.1.blocks.0.conv_dw.kernel` <-> `stages.1.blocks.0.conv_dw.weight`
+    conv  kernel HWIO       <-> weight OIHW  (depthwise [7,7,1,C] <-> [C,1,7,7])
+    dense kernel [in, out]  <-> weight [out, in]
+    norm  scale             <-> weight
+everything else (bias, gamma, cls_token, pos_embed, ...) keeps its name and shape.
+
+Weights are read from safetensors, or from `.pth` with `torch.load(weights_only=True)` only:
+nothing here ever unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias")
+
+
+def _timm_key(path: tuple) -> str:
+    *parents, leaf = (str(p) for p in path)
+    leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    return ".".join([*parents, leaf])
+
+
+def _to_timm(path: tuple, value: np.ndarray) -> np.ndarray:
+    if str(path[-1]) == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (3, 2, 0, 1))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def _from_timm(path: tuple, value: np.ndarray) -> np.ndarray:
+    if str(path[-1]) == "kernel":
+        if value.ndim == 4:
+            return np.transpose(value, (2, 3, 1, 0))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Our parameters as a timm-named, timm-laid-out dict of float32 NumPy arrays."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {
+        _timm_key(path): np.ascontiguousarray(_to_timm(path, np.asarray(var.get_value())))
+        for path, var in flat
+    }
+
+
+def load_timm_state_dict(
+    model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip: tuple[str, ...] = ()
+) -> None:
+    """Copy a timm state dict into `model` in place.
+
+    Raises ValueError naming every missing, unexpected or mis-shaped key. Keys in `skip`
+    (e.g. the classifier when the class count changes) may be absent and are left untouched.
+    """
+    state = nnx.state(model, nnx.Param)
+    flat = list(nnx.to_flat_state(state))
+    ours = {_timm_key(path): (path, var) for path, var in flat}
+    given = {k: np.asarray(v) for k, v in state_dict.items() if k not in skip}
+    missing = sorted(set(ours) - set(given) - set(skip))
+    unexpected = sorted(set(given) - set(ours))
+    wrong = []
+    for key in sorted(set(ours) & set(given)):
+        path, var = ours[key]
+        value = _from_timm(path, given[key])
+        if value.shape != var.get_value().shape:
+            theirs = given[key].shape
+            wrong.append(f"{key}: checkpoint {theirs}, model expects {_to_timm(path, var.get_value()).shape}")
+            continue
+        var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if wrong:
+            parts.append(f"mis-shaped keys ({len(wrong)}): {'; '.join(wrong[:20])}")
+        raise ValueError("timm state dict does not match the model: " + " | ".join(parts))
+    nnx.update(model, state)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a `.safetensors` file, or a `.pth`/`.pt`/`.bin` via `torch.load(weights_only=True)`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    if path.endswith((".pth", ".pt", ".bin")):
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading {path} needs PyTorch (pip install 'bgjax[parity]')") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = obj["state_dict"]
+        if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+            obj = obj["model"]
+        return {k: v.detach().float().numpy() for k, v in obj.items()}
+    raise ValueError(f"unsupported weights format {path!r}: use .safetensors or .pth")
+
+
+def write_safetensors(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Export to timm names as safetensors: `timm.create_model(name).load_state_dict(...)` works."""
+    from safetensors.numpy import save_file
+
+    save_file({k: v.astype(np.float32) for k, v in to_timm_state_dict(model).items()}, os.fspath(path))
+
+
+def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
+    for key in ("head.fc.weight", "head.weight"):
+        if key in state_dict:
+            return int(np.shape(state_dict[key])[0])
+    return None
+
+
+def from_timm(name: str, state_dict, num_classes: int | None = None, **overrides):
+    """Build model `name` and load a timm state dict (path or mapping) into it.
+
+    With `num_classes` different from the checkpoint's head, the head is freshly initialised.
+    """
+    from bgjax import models
+
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = read_weights(state_dict)
+    ckpt_classes = _head_classes(state_dict)
+    n = num_classes if num_classes is not None else (ckpt_classes or 1000)
+    model = models.create(name, num_classes=n, **overrides)
+    skip = HEAD_KEYS if ckpt_classes is not None and ckpt_classes != n else ()
+    load_timm_state_dict(model, state_dict, skip=skip)
+    return model
