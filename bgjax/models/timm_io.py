@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -75,9 +77,11 @@ def load_timm_state_dict(
         value = _from_timm(path, given[key])
         if value.shape != var.get_value().shape:
             theirs = given[key].shape
-            wrong.append(f"{key}: checkpoint {theirs}, model expects {_to_timm(path, var.get_value()).shape}")
+            wrong.append(
+                f"{key}: checkpoint {theirs}, model expects {_to_timm(path, var.get_value()).shape}"
+            )
             continue
-        var.set_value(np.asarray(value, dtype=var.get_value().dtype))
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -109,7 +113,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = obj["state_dict"]
         if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
             obj = obj["model"]
-        return {k: v.detach().float().numpy() for k, v in obj.items()}
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if not tensors:
+            raise ValueError(f"{path} holds no tensors (keys: {', '.join(list(obj)[:10])})")
+        return {k: v.detach().float().numpy() for k, v in tensors.items()}
     raise ValueError(f"unsupported weights format {path!r}: use .safetensors or .pth")
 
 
@@ -117,7 +126,9 @@ def write_safetensors(model: nnx.Module, path: str | os.PathLike) -> None:
     """Export to timm names as safetensors: `timm.create_model(name).load_state_dict(...)` works."""
     from safetensors.numpy import save_file
 
-    save_file({k: v.astype(np.float32) for k, v in to_timm_state_dict(model).items()}, os.fspath(path))
+    save_file(
+        {k: v.astype(np.float32) for k, v in to_timm_state_dict(model).items()}, os.fspath(path)
+    )
 
 
 def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
@@ -127,18 +138,34 @@ def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
     return None
 
 
+def create_for_loading(name: str, num_classes: int, *, init_params: bool = True, **overrides):
+    """Model `name` about to receive loaded weights.
+
+    With `init_params=False` its parameters stay abstract (shape and dtype only) whenever nothing
+    else in it needs a value (no dropout RNG state): running the initialisers would cost one
+    compile per parameter shape, only for the values to be overwritten. The caller must then set
+    every parameter.
+    """
+    from bgjax import models
+
+    make = lambda: models.create(name, num_classes=num_classes, **overrides)
+    if not init_params:
+        abstract = nnx.eval_shape(make)
+        if not jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Param))):
+            return abstract
+    return make()
+
+
 def from_timm(name: str, state_dict, num_classes: int | None = None, **overrides):
     """Build model `name` and load a timm state dict (path or mapping) into it.
 
     With `num_classes` different from the checkpoint's head, the head is freshly initialised.
     """
-    from bgjax import models
-
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = read_weights(state_dict)
     ckpt_classes = _head_classes(state_dict)
     n = num_classes if num_classes is not None else (ckpt_classes or 1000)
-    model = models.create(name, num_classes=n, **overrides)
     skip = HEAD_KEYS if ckpt_classes is not None and ckpt_classes != n else ()
+    model = create_for_loading(name, n, init_params=bool(skip), **overrides)
     load_timm_state_dict(model, state_dict, skip=skip)
     return model

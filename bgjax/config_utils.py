@@ -1,0 +1,152 @@
+"""Helpers for the `configs/*.py` files (big_vision style) and for reading configs back.
+
+A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text after the colon in
+`--config configs/cub.py:arch=vit,size=small`, parsed by `parse_arg` against typed defaults.
+`base_config()` holds the keys every experiment shares, so each file only states what differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+_TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"config arg {key}={text!r}: expected a boolean")
+        return text.lower() in _TRUE
+    if default is None:
+        return text
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"config arg {key}={text!r}: expected {type(default).__name__}") from None
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """'k=v,k=v' -> ConfigDict over `defaults`, values converted to the defaults' types.
+
+    `parse_arg("arch=vit,steps=50", arch="convnext", steps=300)` -> {arch: "vit", steps: 50}.
+    Unknown keys are an error naming the known ones.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"config arg {item!r} is not of the form key=value")
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; known: {', '.join(sorted(defaults))}")
+        result[key] = _convert(key, value.strip(), defaults[key])
+    return ml_collections.ConfigDict(result)
+
+
+def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"config arg {name}={value!r}; expected one of {allowed}")
+    return value
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys every training config has (see train.py for their meaning)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict()  # passed to bgjax.data.get_source
+    c.data_workers = 0  # Grain worker processes (0: reader threads in-process)
+    c.train_variant = "original"  # str, or {variant: weight}
+    c.augment = None  # bgjax.data.augment config, or None
+    c.mask_source = "gt"  # "gt": the dataset's masks
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "convnext_atto"
+    c.model.masking = "none"
+    c.model.frozen_backbone = False
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.drop_path_rate = 0.0
+    c.model.init = ""  # a timm-format .safetensors to start from ("" = random init)
+
+    c.batch_size = 64  # global
+    c.total_steps = 300
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            wd=0.05,
+            warmup_steps=20,
+            min_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.999,
+            head_lr_mult=1.0,
+            head_keys=("head",),
+            clip_norm=1.0,
+            grad_accum=1,
+            ema_decay=0.0,
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
+    )
+    c.mesh = [("data", -1), ("fsdp", 1)]
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=100,
+            keep=2,
+            keep_best=1,
+            best_metric="eval/original/accuracy",
+            best_mode="max",
+            async_save=True,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(
+        dict(every_steps=100, split="val", variants=("original",), batch_size=128, use_ema=False)
+    )
+    c.eval.data = None  # a config.data for the evaluation source; None = config.data
+    c.log_every_steps = 10
+    c.progress_bar = True
+    return c
+
+
+# The smallest models of each family, for tests and smoke runs at 32 px.
+TINY_MODELS = {
+    "convnext": dict(name="convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
+    "vit": dict(
+        name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
+    ),
+}
+
+
+def set_tiny(c: ml_collections.ConfigDict, arch: str) -> None:
+    """Shrink a config to a seconds-long smoke run: tiny model, 32 px, batch 8, 6 steps."""
+    c.model.update(TINY_MODELS[arch])
+    c.data.image_size = 32
+    c.batch_size = 8
+    c.total_steps = 6
+    c.optimizer.warmup_steps = 1
+    c.checkpoint.every_steps = 3
+    c.eval.every_steps = 3
+    c.eval.batch_size = 16
+    c.log_every_steps = 1
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+    return max(1, round(epochs * num_examples / batch_size))
+
+
+def load_config(spec: str | Path) -> ml_collections.ConfigDict:
+    """A config from `path/to/file.py[:arg]` (what --config takes) or a workdir's config.json."""
+    path, _, arg = str(spec).partition(":")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    module_spec = importlib.util.spec_from_file_location(f"_bgjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

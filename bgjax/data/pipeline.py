@@ -1,0 +1,313 @@
+"""The one input pipeline: source -> composite -> augment -> batch -> shard -> device.
+
+A plain Grain chain over a random-access source (see `bgjax.data`):
+
+    MapDataset.source(source)
+      .seed(seed) [.shuffle().repeat(num_epochs)]        train only: reshuffled every epoch
+      .random_map(Composite)                             the IN-9 variant (or a mixture of them)
+      [.random_map(Augment)]                             train only: image and mask move together
+      .map(Finish)                                       resize to image_size, fix dtypes
+      [process_index::process_count]                     this process's shard (+ eval padding)
+      .batch(local_batch_size)
+      .to_iter_dataset(ReadOptions) [.mp_prefetch(...)]
+
+The random maps sit BEFORE the shard on purpose: Grain keys each element's rng by its position in
+the dataset the map is applied to, so keying by the global position makes the data (partners,
+crops) independent of the number of processes. MapDatasets are lazy, so every process still
+reads and composites only its own examples.
+
+Batches are host-local dicts of NumPy arrays:
+
+    image uint8[b, S, S, 3], mask uint8[b, S, S], label int32[b], habitat int32[b], valid bool[b]
+
+uint8 crosses host -> device (4x less than float32); `to_global` makes the global jax.Arrays and
+`normalize` runs on device inside the jitted step. Evaluation never drops an example: the last
+batch is padded with valid=False rows, and every process yields the same number of batches so
+collective steps cannot hang.
+
+Worker processes (`worker_count > 0`) are spawned and re-import `__main__`, so a script that
+uses them needs the `if __name__ == "__main__":` guard. grain 0.2.18 also reads an absl flag when
+it starts them and raises UnparsedFlagAccessError unless absl flags were parsed; under
+`absl.app.run` (the bgjax CLI) they are, and elsewhere (notebooks, pytest, plain scripts) `build`
+marks them parsed, leaving every flag at its default.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bgjax import variants
+from bgjax.data import augment as augment_lib
+
+Variant = str | Mapping[str, float]
+
+
+def local_batch_size(
+    global_batch: int, process_count: int | None = None, num_devices: int | None = None
+) -> int:
+    """The per-process batch: `global_batch / process_count`, with clear errors when uneven."""
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch <= 0:
+        raise ValueError(f"batch_size must be positive, got {global_batch}")
+    if num_devices is not None and global_batch % num_devices:
+        raise ValueError(
+            f"global batch_size {global_batch} is not divisible by the mesh's {num_devices} "
+            "devices; the batch dimension is split evenly over all of them"
+        )
+    if global_batch % process_count:
+        raise ValueError(
+            f"global batch_size {global_batch} is not divisible by the {process_count} processes"
+        )
+    return global_batch // process_count
+
+
+def _variant_table(variant: Variant) -> tuple[tuple[str, ...], np.ndarray]:
+    """Variant names and their cumulative probabilities, from a name or {name: weight}."""
+    weights = {variant: 1.0} if isinstance(variant, str) else dict(variant)
+    unknown = sorted(set(weights) - set(variants.VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; valid: {', '.join(variants.VARIANTS)}")
+    values = np.array(list(weights.values()), np.float64)
+    if values.size == 0 or np.any(values < 0) or values.sum() <= 0:
+        raise ValueError(f"variant weights must be >= 0 with a positive sum, got {weights}")
+    cumulative = np.cumsum(values / values.sum())
+    cumulative[-1] = 1.0  # rng.random() < 1 then always lands on a variant despite rounding
+    return tuple(weights), cumulative
+
+
+class _Indexed:
+    """The source with each example's own index added (mixed variants need it for partners)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.source[index], "index": index}
+
+
+class Composite(grain.transforms.RandomMap):
+    """Makes the requested IN-9 variant of an example; a mixture picks one per example.
+
+    Everything random (the variant of a mixture, the background donor of mixed_*) comes from the
+    per-element rng, so a seed fixes the dataset and every training epoch draws fresh partners.
+    """
+
+    def __init__(self, source, variant: Variant):
+        self.source = source
+        self.names, self.cumulative = _variant_table(variant)
+        self.sampler = None
+        if any(name in variants.MIXED for name in self.names):
+            info = getattr(source, "info", None)
+            if info is None:
+                raise ValueError("mixed variants need a source with .info.labels (DatasetInfo)")
+            self.sampler = variants.PartnerSampler(info.labels, info.num_classes)
+
+    def random_map(self, element, rng: np.random.Generator):
+        name = self.names[0]
+        if len(self.names) > 1:
+            name = self.names[int(np.searchsorted(self.cumulative, rng.random(), side="right"))]
+        image, mask = element["image"], element["mask"]
+        if name != "original":  # composite("original") would only copy the image
+            donor = {}
+            if name in variants.MIXED:
+                partner = self.source[self.sampler.sample(name, element["index"], rng)]
+                donor = dict(
+                    bg_image=partner["image"], bg_mask=partner["mask"], bg_bbox=partner["bbox"]
+                )
+            image = variants.composite(name, image, mask, bbox=element["bbox"], **donor)
+        return dict(image=image, mask=mask, label=element["label"], habitat=element["habitat"])
+
+
+class Augment(grain.transforms.RandomMap):
+    """The `augment` config's ops (see `bgjax.data.augment`); outputs image_size x image_size."""
+
+    def __init__(self, config: Any, image_size: int):
+        self.op = augment_lib.make(config, image_size)
+
+    def random_map(self, element, rng: np.random.Generator):
+        image, mask = self.op(element["image"], element["mask"], rng)
+        return {**element, "image": image, "mask": mask}
+
+
+class Finish(grain.transforms.Map):
+    """Resizes to image_size when the source's images differ, and fixes the batch dtypes."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def map(self, element):
+        image, mask = element["image"], element["mask"]
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != mask.shape:
+            raise ValueError(
+                f"an example needs image uint8[H, W, 3] and mask [H, W], got image "
+                f"{image.dtype}{list(image.shape)} and mask {mask.dtype}{list(mask.shape)}"
+            )
+        image, mask = augment_lib.resize(image, mask, self.image_size)
+        return dict(
+            image=np.ascontiguousarray(image, np.uint8),
+            mask=np.ascontiguousarray(mask, np.uint8),
+            label=np.int32(element["label"]),
+            habitat=np.int32(element["habitat"]),
+            valid=np.True_,
+        )
+
+
+def _padding(count: int, image_size: int) -> grain.MapDataset:
+    """`count` blank rows with valid=False (label 0, habitat -1), to fill the last eval batch."""
+    row = dict(
+        image=np.zeros((image_size, image_size, 3), np.uint8),
+        mask=np.zeros((image_size, image_size), np.uint8),
+        label=np.int32(0),
+        habitat=np.int32(-1),
+        valid=np.False_,
+    )
+    return grain.MapDataset.source([row] * count)
+
+
+def _shard(
+    ds: grain.MapDataset,
+    index: int,
+    count: int,
+    local_batch: int,
+    image_size: int,
+    *,
+    pad: bool,
+    drop_remainder: bool,
+) -> grain.MapDataset:
+    """This process's disjoint share `ds[index::count]`, sized so every process has as many batches.
+
+    With `pad`, every share is padded to the same whole number of batches. With
+    `drop_remainder`, a finite dataset is first cut to a multiple of `count` (at most count - 1
+    examples), so dropping partial batches leaves equal counts. An endless stream needs neither.
+    """
+    total = len(ds)
+    if total >= sys.maxsize:
+        return ds[index::count]
+    if pad:
+        per_process = -(-total // count)
+        target = -(-per_process // local_batch) * local_batch
+        share = ds[index::count]
+        if target > len(share):
+            share = grain.MapDataset.concatenate([share, _padding(target - len(share), image_size)])
+        return share
+    if drop_remainder:
+        ds = ds[: total - total % count]
+    return ds[index::count]
+
+
+def build(
+    source,
+    *,
+    variant: Variant = "original",
+    batch_size: int,
+    image_size: int,
+    train: bool,
+    seed: int,
+    augment: Any = None,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    pad_to_batch: bool | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_devices: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """The Grain IterDataset of this process's batches (see the module doc for the chain).
+
+    Args:
+      source: a random-access source (`bgjax.data`); mixed variants need `source.info.labels`.
+      variant: a name from `bgjax.variants.VARIANTS`, or {name: weight} for a mixture.
+      batch_size: the GLOBAL batch size; each process yields batch_size / process_count rows.
+      image_size: output side S; images of another size are resized (mask: nearest).
+      train: shuffle (reshuffled each epoch), repeat `num_epochs` (None = forever), augment, and
+        drop a last partial batch. Otherwise one pass in index order.
+      seed: fixes the order, the mixed partners, the variant mixture and the augmentation.
+      augment: an augment config (`bgjax.data.augment`), applied when `train` only, so one
+        config serves the train and eval builds.
+      worker_count: > 0 runs the chain in that many spawned worker processes (see module doc).
+      pad_to_batch: pad the last batch with valid=False rows instead of dropping or shortening
+        it; defaults to `not train`. Without it, an eval's last batch may be short and, with
+        several processes, their batch counts may differ by one.
+      process_index, process_count: default to JAX's; pass them to simulate several hosts.
+      num_devices: when given (the mesh's device count), the global batch must divide by it.
+      read_options: Grain reader threads / prefetch buffer (counted in batches).
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} out of range for process_count {count}")
+    local_batch = local_batch_size(batch_size, count, num_devices)
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if len(source) == 0:
+        raise ValueError(f"the source {source!r} is empty")
+    if not train and num_epochs not in (None, 1):
+        raise ValueError(f"num_epochs={num_epochs} applies to training; evaluation is one pass")
+    pad = (not train) if pad_to_batch is None else pad_to_batch
+
+    ds = grain.MapDataset.source(_Indexed(source)).seed(seed)
+    if train:
+        ds = ds.shuffle().repeat(num_epochs)
+    ds = ds.random_map(Composite(source, variant))
+    if train and augment:
+        ds = ds.random_map(Augment(augment, image_size))
+    ds = ds.map(Finish(image_size))
+    drop_remainder = train and not pad
+    ds = _shard(ds, index, count, local_batch, image_size, pad=pad, drop_remainder=drop_remainder)
+    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+    # The buffer counts batches, so keep it short. Worker processes already run in parallel;
+    # their threads only hide read latency.
+    if read_options is None:
+        threads = 4 if worker_count == 0 else 2
+        read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)
+    it = ds.to_iter_dataset(read_options)
+    if worker_count > 0:
+        _ensure_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def _ensure_flags_parsed() -> None:
+    """grain 0.2.18's mp_prefetch reads an absl flag in the parent and raises
+    UnparsedFlagAccessError unless flags were parsed (programs under `absl.app.run` have). Outside
+    absl (notebooks, pytest, plain scripts) nothing will parse them, so their defaults stand."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Host-local batch -> global jax.Arrays, dim 0 sharded over ALL mesh axes."""
+    sharding = NamedSharding(mesh, P(mesh.axis_names))
+    local = {key: np.asarray(value) for key, value in batch.items()}
+    rows = {value.shape[0] for value in local.values()}
+    if len(rows) != 1:
+        shapes = {key: value.shape for key, value in local.items()}
+        raise ValueError(f"batch entries disagree on the batch dimension: {shapes}")
+    global_rows = rows.pop() * jax.process_count()
+    local_batch_size(global_rows, jax.process_count(), mesh.size)  # divisibility errors
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding, value, (global_rows, *value.shape[1:])
+        )
+        for key, value in local.items()
+    }
+
+
+def normalize(images: jax.Array, mean: Any, std: Any, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """uint8 images [..., 3] -> (x / 255 - mean) / std in `dtype`; mean/std in [0, 1] units."""
+    mean = jnp.asarray(mean, jnp.float32) * 255.0
+    inv_std = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
+    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)

@@ -1,0 +1,403 @@
+"""The built-in procedural dataset: shapes on textured habitats with a controllable spurious cue.
+
+Every example is a random *shape* (the label) drawn over a random *texture family* (the habitat,
+the background class), rendered from (seed, split, index) alone, so the dataset needs no files and
+any index can be read in any order. In the training split the habitat equals the label for a
+fraction `bg_correlation` of the examples (Waterbirds uses 0.95); the "balanced" evaluation splits
+draw habitats uniformly and independently of the label, so worst-group accuracy exposes models that
+lean on the background.
+
+Design choices that make the benchmark mean something:
+  * Classes differ ONLY in silhouette. Colour, shading, scale, rotation and position are drawn
+    independently of the label, so the shape is the one foreground cue.
+  * Habitats differ only in texture structure; their colours are drawn independently of the habitat.
+  * The mask is the exact silhouette: pixels inside it are object, pixels outside are background
+    (no anti-aliasing), so the IN-9 variants built from it are exact.
+  * Objects fit in a disc of at most `_MAX_DIAMETER` of the image side, leaving background margins
+    for the IN-9 ONLY_BG_T tiling.
+  * Textures are large, regular and scale with the image, so background is the *easier* cue, while
+    shapes are large and high-contrast enough to be learnt too (both cues get used, as with real
+    photos; see the accuracy table in the module's tests and notes).
+
+Config keys (`config.data`), with defaults:
+    name="synthetic", image_size=64 (16..224), num_classes=9 (2..9; 2 mirrors Waterbirds),
+    bg_correlation=0.9, seed=0, train_size=1000*C, val_size=200*C, test_size=200*C,
+    test_distribution="balanced" | "iid".
+Splits: "train" (correlated), "val" and "test" (following `test_distribution`), and explicit
+"test_iid" / "test_balanced".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bgjax.data import DatasetInfo
+
+SHAPES = ("star", "cross", "ring", "triangle", "crescent", "ell", "arrow", "heart", "eich")
+HABITATS = (
+    "horizontal",
+    "vertical",
+    "diagonal",
+    "checker",
+    "dots",
+    "waves",
+    "ripples",
+    "blobs",
+    "mosaic",
+)
+MAX_CLASSES = len(SHAPES)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 224
+TEST_DISTRIBUTIONS = ("balanced", "iid")
+SPLITS = ("train", "val", "test", "test_iid", "test_balanced")
+# Random streams: one per (seed, split stream, index). Distinct ids keep splits disjoint.
+_SPLIT_IDS = {"train": 0, "val_iid": 1, "val_balanced": 2, "test_iid": 3, "test_balanced": 4}
+_ASSIGN_STREAM = 100  # offset of the label/habitat assignment streams (never an index stream)
+_DEFAULT_SIZES_PER_CLASS = {"train_size": 1000, "val_size": 200, "test_size": 200}
+
+# Object geometry, in image sides. Diameter of the disc enclosing the object: the tight box of the
+# silhouette is at most this, so every object leaves >= (1 - _MAX_DIAMETER) / 2 ... margins.
+_MIN_DIAMETER, _MAX_DIAMETER = 0.6, 0.88
+_MIN_MARGIN = 0.03  # smallest gap between the enclosing disc and the image border
+# Texture period in image sides (64 px: ~7-10 px), large enough for a 4x4 patchify stem to see.
+_MIN_PERIOD, _MAX_PERIOD = 0.11, 0.16
+_ORIENTATION_JITTER = np.deg2rad(10.0)
+_BG_CONTRAST = (0.06, 0.14)  # brightness difference of the texture's two colours
+
+# Mean/std of the rendered pixels (RGB in [0, 1]), measured once over the first 4,096 training
+# examples of the default config (seed 0, 64 px, 9 classes) with `np.mean` / `np.std` over all
+# pixels: (0.397, 0.395, 0.399) / (0.148, 0.147, 0.147). Hues are uniform, so the channels agree;
+# other sizes, class counts and seeds moved them by < 0.01. Re-measure if the style changes.
+MEAN = (0.397, 0.397, 0.397)
+STD = (0.148, 0.148, 0.148)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes: boolean silhouettes on object coordinates (u, v) in the unit disc (v points down).
+# Each fits inside the disc of radius 0.96, so any rotation keeps it inside the enclosing disc.
+
+
+def _star(u, v):
+    # Five-pointed star polygon: fold the angle into one point's half-sector and test the edge
+    # between the outer vertex (1, 0) and the inner vertex at 36 degrees.
+    half = np.pi / 5
+    r = np.hypot(u, v)
+    phi = np.abs((np.arctan2(v, u) + half) % (2 * half) - half)
+    px, py = r * np.cos(phi), r * np.sin(phi)
+    ix, iy = 0.5 * np.cos(half), 0.5 * np.sin(half)
+    return (ix - 0.96) * py - iy * (px - 0.96) >= 0
+
+
+def _cross(u, v):
+    au, av = np.abs(u), np.abs(v)
+    return ((au < 0.3) & (av < 0.9)) | ((av < 0.3) & (au < 0.9))
+
+
+def _ring(u, v):
+    r2 = u * u + v * v
+    return (r2 < 0.95**2) & (r2 > 0.5**2)
+
+
+def _triangle(u, v):
+    # Equilateral, circumradius 0.95: three half-planes at the inradius.
+    inside = v < 0.475
+    for angle in (np.pi / 6, 5 * np.pi / 6):
+        inside &= -(u * np.cos(angle) + v * np.sin(angle)) < 0.475
+    return inside
+
+
+def _crescent(u, v):
+    return (u * u + v * v < 0.95**2) & ((u - 0.45) ** 2 + v * v > 0.72**2)
+
+
+def _ell(u, v):
+    # An L whose bounding square is centred; arms 0.45 thick.
+    box = (np.abs(u) < 0.66) & (np.abs(v) < 0.66)
+    return box & ((u < -0.2) | (v > 0.2))
+
+
+def _arrow(u, v):
+    shaft = (u > -0.9) & (u < 0.15) & (np.abs(v) < 0.2)
+    head = (u >= 0.15) & (np.abs(v) < 0.75 * (0.9 - u))
+    return shaft | head
+
+
+def _heart(u, v):
+    # The classic implicit heart (x^2 + y^2 - 1)^3 - x^2 y^3 <= 0, scaled into the disc.
+    x, y = u / 0.75, -v / 0.75 + 0.15
+    q = x * x + y * y - 1
+    return q * q * q - x * x * y * y * y <= 0
+
+
+def _eich(u, v):
+    au, av = np.abs(u), np.abs(v)
+    posts = (au > 0.3) & (au < 0.65) & (av < 0.65)
+    rung = (au < 0.65) & (av < 0.15)
+    return posts | rung
+
+
+_SHAPE_FNS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
+    _star,
+    _cross,
+    _ring,
+    _triangle,
+    _crescent,
+    _ell,
+    _arrow,
+    _heart,
+    _eich,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Habitats: texture maps t in [0, 1] over image coordinates (x, y) in image sides; the background
+# colour is c0 + t * (c1 - c0). Each family draws its own phase / frequency / orientation jitter.
+
+
+def _square_wave(phase):
+    # A soft square wave: flat bands with short ramps; crisp at 64 px, never aliased.
+    return np.clip(0.5 + 2.0 * np.sin(phase), 0.0, 1.0)
+
+
+def _rotated(x, y, angle):
+    c, s = np.cos(angle), np.sin(angle)
+    return c * x + s * y, -s * x + c * y
+
+
+def _stripes(base_angle):
+    def texture(x, y, rng, period):
+        a, _ = _rotated(x, y, base_angle + rng.uniform(-1, 1) * _ORIENTATION_JITTER)
+        return _square_wave(2 * np.pi * a / period + rng.uniform(0, 2 * np.pi))
+
+    return texture
+
+
+def _checker(x, y, rng, period):
+    a, b = _rotated(x, y, rng.uniform(-1, 1) * _ORIENTATION_JITTER)
+    sa = np.sin(np.pi * a / period * 2 + rng.uniform(0, 2 * np.pi))
+    sb = np.sin(np.pi * b / period * 2 + rng.uniform(0, 2 * np.pi))
+    return _square_wave(np.arcsin(np.clip(sa * sb * 4, -1, 1)))
+
+
+def _dots(x, y, rng, period):
+    a, b = _rotated(x, y, rng.uniform(-1, 1) * _ORIENTATION_JITTER)
+    da = (a / period + rng.uniform()) % 1.0 - 0.5
+    db = (b / period + rng.uniform()) % 1.0 - 0.5
+    return (da * da + db * db < 0.3**2).astype(np.float32)
+
+
+def _waves(x, y, rng, period):
+    wobble = rng.uniform(1.5, 2.5) * np.sin(
+        2 * np.pi * x / rng.uniform(0.3, 0.45) + rng.uniform(0, 7)
+    )
+    return _square_wave(2 * np.pi * y / period + wobble + rng.uniform(0, 2 * np.pi))
+
+
+def _ripples(x, y, rng, period):
+    cx, cy = rng.uniform(-0.25, 1.25, size=2)
+    return _square_wave(2 * np.pi * np.hypot(x - cx, y - cy) / period + rng.uniform(0, 2 * np.pi))
+
+
+def _blobs(x, y, rng, period):
+    # Isotropic blotches: the sign of a few plane waves with random directions, 2-3 periods wide.
+    field = 0.0
+    for angle in rng.uniform(0, 2 * np.pi, size=4):
+        a, _ = _rotated(x, y, angle)
+        field = field + np.sin(2 * np.pi * a / (2.5 * period) + rng.uniform(0, 2 * np.pi))
+    return _square_wave(field)
+
+
+def _mosaic(x, y, rng, period):
+    # Random two-tone tiles of half a period: i.i.d. cells, no orientation or periodic pattern.
+    cell = period / 2
+    n = int(np.ceil(1 / cell)) + 1
+    tiles = (rng.random((n, n)) < 0.5).astype(np.float32)
+    return tiles[(y / cell).astype(np.int32), (x / cell).astype(np.int32)]
+
+
+_HABITAT_FNS = (
+    _stripes(0.5 * np.pi),  # horizontal: the wave runs along y
+    _stripes(0.0),
+    _stripes(0.25 * np.pi),
+    _checker,
+    _dots,
+    _waves,
+    _ripples,
+    _blobs,
+    _mosaic,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y) of a size x size image, in image sides; cached, read-only."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    y, x = np.meshgrid(c, c, indexing="ij")
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _hsv_to_rgb(h, s, v):
+    """HSV in [0, 1] -> RGB in [0, 1]; arrays of any (equal) shape."""
+    k = (np.array([5.0, 3.0, 1.0]) + np.asarray(h)[..., None] * 6) % 6
+    ramp = np.clip(np.minimum(k, 4 - k), 0, 1)
+    return np.asarray(v)[..., None] * (1 - np.asarray(s)[..., None] * ramp)
+
+
+def render(label: int, habitat: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One example: shape `label` over texture `habitat`; every other attribute comes from `rng`."""
+    x, y = _pixel_grid(size)
+
+    # Background: a texture of the habitat's family in two random low-saturation colours of
+    # clearly different brightness.
+    period = rng.uniform(_MIN_PERIOD, _MAX_PERIOD)
+    t = _HABITAT_FNS[habitat](x, y, rng, period)
+    values = rng.uniform(0.25, 0.55) + np.array([0.0, rng.uniform(*_BG_CONTRAST)])
+    bg_colors = _hsv_to_rgb(rng.uniform(size=2), rng.uniform(0.0, 0.45, size=2), values)
+    background = bg_colors[0] + t[..., None] * (bg_colors[1] - bg_colors[0])
+
+    # Object: shape `label` scaled to a random diameter, rotated, placed anywhere its enclosing
+    # disc fits with a margin; a saturated colour with a random linear shading.
+    radius = 0.5 * rng.uniform(_MIN_DIAMETER, _MAX_DIAMETER)
+    cx, cy = rng.uniform(radius + _MIN_MARGIN, 1 - radius - _MIN_MARGIN, size=2)
+    u, v = _rotated(x - cx, y - cy, rng.uniform(0, 2 * np.pi))
+    u, v = u / radius, v / radius
+    mask = _SHAPE_FNS[label](u, v)
+    color = _hsv_to_rgb(rng.uniform(), rng.uniform(0.55, 1.0), rng.uniform(0.65, 1.0))
+    su, sv = _rotated(0.3, 0.0, rng.uniform(0, 2 * np.pi))
+    shade = 0.8 + su * u + sv * v
+
+    image = np.where(mask[..., None], shade[..., None] * color, background)
+    image = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    bbox = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.int32)
+    return {
+        "image": image,
+        "mask": mask.astype(np.uint8),
+        "bbox": bbox,
+        "label": np.int32(label),
+        "habitat": np.int32(habitat),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Label / habitat assignment (no rendering): exact, stratified proportions in a random order.
+
+
+def assign_groups(
+    num_examples: int, num_classes: int, correlation: float | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels and habitats; habitat == label for round(correlation * n_c) examples of each
+    class (the rest spread evenly over the other habitats), or, with correlation None, habitats
+    spread evenly over all classes independently of the label."""
+    # A random bijection index -> (class, rank within class) keeps every prefix a random sample.
+    slot = rng.permutation(num_examples)
+    labels, rank = slot % num_classes, slot // num_classes
+    if correlation is None:
+        habitats = (labels + rank) % num_classes
+    else:
+        per_class = np.bincount(labels, minlength=num_classes)
+        aligned = np.round(correlation * per_class).astype(np.int64)[labels]
+        offset = np.where(rank < aligned, 0, 1 + (rank - aligned) % (num_classes - 1))
+        habitats = (labels + offset) % num_classes
+    return labels.astype(np.int32), habitats.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The source.
+
+
+class SyntheticSource:
+    """Grain random-access source: `source[i]` renders example i; `.info` needs no rendering."""
+
+    def __init__(self, info: DatasetInfo, *, split_id: int, seed: int):
+        self.info, self._split_id, self._seed = info, split_id, seed
+
+    def __len__(self) -> int:
+        return len(self.info.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} examples")
+        index = int(index) % n
+        rng = np.random.default_rng([self._seed, self._split_id, index])
+        label, habitat = int(self.info.labels[index]), int(self.info.habitats[index])
+        return render(label, habitat, self.info.image_size, rng)
+
+    def __repr__(self) -> str:
+        info = self.info
+        return f"SyntheticSource(split={info.split!r}, n={len(self)}, size={info.image_size})"
+
+
+def _int_key(config: Any, key: str, default: int, lo: int, hi: int | None = None) -> int:
+    value = config.get(key, default)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"data.{key} must be an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"data.{key} must be {bound}, got {value}")
+    return int(value)
+
+
+def _groups(seed, stream, size, num_classes, correlation):
+    rng = np.random.default_rng([seed, _ASSIGN_STREAM + _SPLIT_IDS[stream]])
+    return assign_groups(size, num_classes, correlation, rng)
+
+
+def make_source(config: Any, split: str) -> SyntheticSource:
+    """The `synthetic` dataset's factory: `config` is `config.data` (a ConfigDict or dict)."""
+    num_classes = _int_key(config, "num_classes", 9, 2, MAX_CLASSES)
+    image_size = _int_key(config, "image_size", 64, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    seed = _int_key(config, "seed", 0, 0)
+    sizes = {
+        key: _int_key(config, key, per_class * num_classes, 1)
+        for key, per_class in _DEFAULT_SIZES_PER_CLASS.items()
+    }
+    correlation = config.get("bg_correlation", 0.9)
+    if isinstance(correlation, bool) or not isinstance(correlation, (int, float, np.floating)):
+        raise ValueError(f"data.bg_correlation must be a number in [0, 1], got {correlation!r}")
+    if not 0.0 <= correlation <= 1.0:
+        raise ValueError(f"data.bg_correlation must be in [0, 1], got {correlation}")
+    test_distribution = config.get("test_distribution", "balanced")
+    if test_distribution not in TEST_DISTRIBUTIONS:
+        raise ValueError(
+            f"data.test_distribution must be one of {TEST_DISTRIBUTIONS}, got {test_distribution!r}"
+        )
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} for dataset 'synthetic'; known: {SPLITS}")
+
+    # Evaluation splits follow `test_distribution` unless the split names its own distribution.
+    part, _, distribution = split.partition("_")
+    stream = "train" if split == "train" else f"{part}_{distribution or test_distribution}"
+    size = sizes[f"{part}_size"]
+    labels, habitats = _groups(
+        seed, stream, size, num_classes, None if stream.endswith("balanced") else correlation
+    )
+    train_labels, train_habitats = _groups(
+        seed, "train", sizes["train_size"], num_classes, correlation
+    )
+    train_groups = np.bincount(
+        train_labels * num_classes + train_habitats, minlength=num_classes**2
+    )
+    info = DatasetInfo(
+        name="synthetic",
+        split=split,
+        class_names=SHAPES[:num_classes],
+        labels=labels,
+        habitats=habitats,
+        habitat_names=HABITATS[:num_classes],
+        image_size=image_size,
+        train_group_proportions=train_groups / train_groups.sum(),
+        mean=MEAN,
+        std=STD,
+    )
+    return SyntheticSource(info, split_id=_SPLIT_IDS[stream], seed=seed)

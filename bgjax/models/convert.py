@@ -1,0 +1,109 @@
+"""`bgjax convert`: timm weights <-> bgjax parameter checkpoints.
+
+Import (timm -> ours):
+    bgjax convert --arch convnext_tiny --weights model.safetensors --out ckpt/ [--num_classes 9]
+writes `ckpt/params` (Orbax StandardCheckpointer, the model's nnx.Param state as a plain
+dict) and `ckpt/model.json` ({"arch", "num_classes", "source"}). With a --num_classes that
+differs from the checkpoint's head, the head is freshly initialised.
+
+Export (ours -> timm):
+    bgjax convert --to_timm --weights ckpt/ --out model.safetensors
+writes timm-named tensors that `timm.create_model(arch, num_classes=N).load_state_dict(...)`
+accepts. `.pth` inputs are read with `torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, logging
+from flax import nnx
+
+from bgjax import clflags
+from bgjax.models import timm_io
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+# Idempotent definitions: other command modules may share a process (tests, `bgjax demo`).
+_ARCH = clflags.string("arch", None, "timm model name, e.g. convnext_tiny (import mode)")
+_WEIGHTS = clflags.string(
+    "weights", None, "import: timm .safetensors/.pth file; --to_timm: bgjax checkpoint dir"
+)
+_OUT = clflags.string("out", None, "import: output dir; --to_timm: output .safetensors")
+_NUM_CLASSES = clflags.integer(
+    "num_classes", None, "classes of the new head (default: the checkpoint's)"
+)
+_TO_TIMM = clflags.boolean("to_timm", False, "export a bgjax checkpoint dir to timm safetensors")
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, source: str | None = None):
+    """Write `model`'s parameters and a model.json describing how to rebuild it."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
+    meta = {"arch": arch, "num_classes": int(model.num_classes), "source": source}
+    with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def load(ckpt_dir: str | os.PathLike, **overrides) -> tuple[nnx.Module, dict]:
+    """Rebuild the model saved by `save` (with constructor `overrides`); returns (model, meta)."""
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    meta_path = os.path.join(ckpt_dir, MODEL_JSON)
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"not a bgjax checkpoint dir (no {MODEL_JSON}): {ckpt_dir}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model = timm_io.create_for_loading(
+        meta["arch"], meta["num_classes"], init_params=False, **overrides
+    )
+    state = nnx.state(model, nnx.Param)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(ckpt_dir, PARAMS_DIR), nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model, meta
+
+
+def import_timm_weights(arch: str, weights: str, out_dir: str, num_classes: int | None = None):
+    model = timm_io.from_timm(arch, weights, num_classes=num_classes)
+    save(model, out_dir, arch=arch, source=os.path.abspath(weights))
+    return model
+
+
+def export_timm_weights(ckpt_dir: str, out_file: str, arch: str | None = None):
+    model, meta = load(ckpt_dir)
+    if arch is not None and arch != meta["arch"]:
+        raise ValueError(f"--arch {arch!r} but {ckpt_dir} holds a {meta['arch']!r} model")
+    if not out_file.endswith(".safetensors"):
+        raise ValueError(f"--out must name a .safetensors file, got {out_file!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+    timm_io.write_safetensors(model, out_file)
+    return model, meta
+
+
+def _count(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WEIGHTS.value or not _OUT.value:
+        raise app.UsageError("--weights and --out are required")
+    if _TO_TIMM.value:
+        model, meta = export_timm_weights(_WEIGHTS.value, _OUT.value, _ARCH.value)
+        logging.info("wrote %s (%s, %d classes)", _OUT.value, meta["arch"], meta["num_classes"])
+    else:
+        if not _ARCH.value:
+            raise app.UsageError("--arch is required to import timm weights")
+        model = import_timm_weights(_ARCH.value, _WEIGHTS.value, _OUT.value, _NUM_CLASSES.value)
+        logging.info("wrote %s (%s, %d classes)", _OUT.value, _ARCH.value, model.num_classes)
+    print(f"{_OUT.value}: {_count(model):,} parameters")

@@ -1,0 +1,374 @@
+"""ConvNeXt (Liu et al. 2022) in Flax NNX, numerically equal to timm's `convnext_*`.
+
+Attribute names are timm's module names (`stem.0`, `stages.1.downsample.1`,
+`stages.2.blocks.3.mlp.fc1`, `head.fc`, ...), so `timm_io` converts weights mechanically. Images
+are NHWC. On top of timm's model: early / late background masking (Aniraj et al. 2023,
+REFERENCE.md §2), a CPU-friendly depthwise convolution, per-block rematerialisation, a compute
+dtype separate from the fp32 parameters, and FSDP partitioning metadata on kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bgjax.models import masking as masking_lib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DW_IMPLS = ("auto", "shifted", "grouped")
+
+
+def _kernel_init(sharding: tuple[str | None, ...]):
+    """timm's trunc_normal(std=.02), annotated for FSDP.
+
+    No eager sharding: models are also built outside any mesh (tests, conversion), and
+    `bgjax.parallel` places parameters itself, dropping axes the mesh cannot divide.
+    """
+    init = nnx.initializers.truncated_normal(stddev=0.02)
+    return nnx.with_partitioning(init, sharding, eager_sharding=False)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, like torch: the one-pass E[x^2]-E[x]^2 loses ~1e-4 on large activations.
+    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+def _conv(cin: int, cout: int, size: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
+    """A non-overlapping size×size/size convolution (stem, downsample, 1×1 conv-MLP)."""
+    sharding = (None, None, "fsdp", None) if shard_in else (None, None, None, "fsdp")
+    return nnx.Conv(
+        cin,
+        cout,
+        (size, size),
+        strides=size,
+        padding="VALID",
+        dtype=dtype,
+        kernel_init=_kernel_init(sharding),
+        rngs=rngs,
+    )
+
+
+def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
+    sharding = ("fsdp", None) if shard_in else (None, "fsdp")
+    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_kernel_init(sharding), rngs=rngs)
+
+
+def depthwise_shifted(x, kernel):
+    """Depthwise 'SAME' conv as k*k shifted multiply-adds of a padded input.
+
+    XLA's CPU lowering of grouped convolution is ~20x slower than this (REFERENCE.md §7);
+    accelerators have fast depthwise kernels and use `depthwise_grouped`.
+    """
+    kh, kw = kernel.shape[:2]
+    h, w = x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = jnp.zeros_like(x)
+    for i in range(kh):
+        for j in range(kw):
+            out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+    return out
+
+
+def depthwise_grouped(x, kernel):
+    """Depthwise 'SAME' conv as one grouped convolution (fast on GPU/TPU)."""
+    kh, kw = kernel.shape[:2]
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+class DepthwiseConv(nnx.Module):
+    """timm's `conv_dw`: k×k depthwise conv, stride 1, 'same' padding; kernel [k, k, 1, C]."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, *, impl="auto", dtype=None, rngs):
+        if impl not in DW_IMPLS:
+            raise ValueError(f"unknown dw_impl {impl!r}; expected one of {DW_IMPLS}")
+        shape = (kernel_size, kernel_size, 1, dim)
+        self.kernel = nnx.Param(_kernel_init((None, None, None, "fsdp"))(rngs.params(), shape))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        self.impl = impl
+        self.dtype = dtype
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        x, kernel, bias = (a.astype(dtype) for a in (x, self.kernel[...], self.bias[...]))
+        impl = self.impl
+        if impl == "auto":
+            impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
+        fn = depthwise_shifted if impl == "shifted" else depthwise_grouped
+        return fn(x, kernel) + bias
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2; `conv=True` mirrors timm's conv_mlp (1×1 convs, same names)."""
+
+    def __init__(self, dim: int, hidden: int, *, conv: bool, dtype, rngs: nnx.Rngs):
+        layer = functools.partial(_conv, size=1) if conv else _dense
+        self.fc1 = layer(dim, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = layer(hidden, dim, dtype=dtype, rngs=rngs, shard_in=True)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """conv_dw -> norm -> mlp -> layer-scale gamma -> drop-path, plus the residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        conv_mlp: bool,
+        ls_init_value: float | None,
+        drop_path: float,
+        dw_impl: str,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.conv_dw = DepthwiseConv(dim, impl=dw_impl, dtype=dtype, rngs=rngs)
+        self.norm = _layer_norm(dim, dtype, rngs)
+        self.mlp = Mlp(dim, 4 * dim, conv=conv_mlp, dtype=dtype, rngs=rngs)
+        self.gamma = (
+            nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
+            if ls_init_value is not None
+            else None
+        )
+        # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1/(1-rate).
+        self.drop_path = (
+            nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None
+        )
+
+    def __call__(self, x, *, train: bool = False):
+        y = self.mlp(self.norm(self.conv_dw(x)))
+        if self.gamma is not None:
+            y = y * self.gamma[...].astype(y.dtype)
+        if self.drop_path is not None:
+            y = self.drop_path(y, deterministic=not train)
+        return x + y
+
+
+def _run_block(block: Block, x, train: bool):
+    return block(x, train=train)
+
+
+class Stage(nnx.Module):
+    """Optional downsample (LayerNorm + 2×2/2 conv) followed by `depth` blocks."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        drop_path_rates: Sequence[float],
+        *,
+        downsample: bool,
+        remat: bool,
+        dtype,
+        rngs: nnx.Rngs,
+        **block_kwargs,
+    ):
+        self.downsample = (
+            nnx.List([_layer_norm(cin, dtype, rngs), _conv(cin, cout, 2, dtype, rngs)])
+            if downsample
+            else None
+        )
+        self.blocks = nnx.List(
+            [
+                Block(cout, drop_path=rate, dtype=dtype, rngs=rngs, **block_kwargs)
+                for rate in drop_path_rates
+            ]
+        )
+        self.remat = remat
+
+    def __call__(self, x, *, train: bool = False):
+        for layer in self.downsample or ():
+            x = layer(x)
+        run = nnx.remat(_run_block, static_argnums=(2,)) if self.remat else _run_block
+        for block in self.blocks:
+            x = run(block, x, train)
+        return x
+
+
+class Head(nnx.Module):
+    """timm's NormMlpClassifierHead without hidden layer: (pooled) -> norm -> dropout -> fc.
+
+    Computed in float32 whatever the backbone's dtype: it is tiny and the logits feed the loss.
+    """
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float, *, rngs: nnx.Rngs):
+        self.norm = _layer_norm(dim, jnp.float32, rngs)
+        self.drop = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
+        init = nnx.initializers.truncated_normal(stddev=0.02)
+        self.fc = nnx.Linear(dim, num_classes, kernel_init=init, rngs=rngs)
+
+    def __call__(self, pooled, *, train: bool = False):
+        x = self.norm(pooled.astype(jnp.float32))
+        if self.drop is not None:
+            x = self.drop(x, deterministic=not train)
+        return self.fc(x)
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Rates rising linearly from 0 over all blocks, split per stage (as timm)."""
+    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    bounds = np.cumsum([0, *depths])
+    return [rates[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ConvNeXt(nnx.Module):
+    """ConvNeXt with optional early or late background masking.
+
+    `model(x, mask=None, *, train=False)`: x is normalised NHWC float (B, H, W, in_chans),
+    mask (B, H, W) foreground in input pixels; required iff `masking != "none"`.
+
+    masking="early": background pixels become `early_fill` ("black" = pixel 0 after
+    normalisation with `pixel_mean`/`pixel_std`, "mean" = 0) before the stem.
+    masking="late": features are multiplied by the mask, nearest-resized to the feature grid,
+    after stage `late_stage` (3: third stage, the paper's default; 4: the last one); pooling is
+    `late_pool` ("mean": over all positions, zeros included, as the paper; "masked_mean": over
+    foreground positions only).
+    """
+
+    def __init__(
+        self,
+        *,
+        depths: Sequence[int],
+        dims: Sequence[int],
+        num_classes: int,
+        rngs: nnx.Rngs,
+        in_chans: int = 3,
+        conv_mlp: bool = False,
+        ls_init_value: float | None = 1e-6,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        dtype=jnp.float32,
+        remat: bool = False,
+        dw_impl: str = "auto",
+        masking: str = "none",
+        early_fill: str = "black",
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+        late_stage: int = 3,
+        late_pool: str = "mean",
+    ):
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"ConvNeXt needs 4 stages; got depths={depths}, dims={dims}")
+        masking_lib.check_strategy(masking)
+        if late_stage not in (3, 4):
+            raise ValueError(f"late_stage must be 3 or 4, got {late_stage!r}")
+        if late_pool not in masking_lib.LATE_POOLS:
+            raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
+        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
+        if fill.shape != (in_chans,):
+            raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.dtype = dtype
+        self.masking = masking
+        self.early_fill_value = tuple(float(v) for v in fill)  # static: not a parameter
+        self.late_stage = late_stage
+        self.late_pool = late_pool
+
+        self.stem = nnx.List(
+            [_conv(in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], dtype, rngs)]
+        )
+        stage_kwargs = dict(
+            remat=remat,
+            dtype=dtype,
+            rngs=rngs,
+            conv_mlp=conv_mlp,
+            ls_init_value=ls_init_value,
+            dw_impl=dw_impl,
+        )
+        rates = drop_path_rates(drop_path_rate, depths)
+        cins = (dims[0], *dims[:-1])
+        self.stages = nnx.List(
+            [
+                Stage(cin, cout, r, downsample=i > 0, **stage_kwargs)
+                for i, (cin, cout, r) in enumerate(zip(cins, dims, rates))
+            ]
+        )
+        self.head = Head(dims[-1], num_classes, drop_rate, rngs=rngs)
+
+    def forward_intermediates(self, x, mask=None, *, train: bool = False) -> dict:
+        """Feature maps after the stem and after each stage (`stages.i`, masked if late
+        masking happens there), NHWC in the compute dtype."""
+        masking_lib.check_mask(x, mask, self.masking)
+        if self.masking == "early":
+            x = masking_lib.early_mask(x, mask, jnp.asarray(self.early_fill_value, x.dtype))
+        x = x.astype(self.dtype)
+        for layer in self.stem:
+            x = layer(x)
+        out = {"stem": x}
+        for i, stage in enumerate(self.stages):
+            x = stage(x, train=train)
+            if self.masking == "late" and i == self.late_stage - 1:
+                x, _ = masking_lib.late_mask(x, mask)
+            out[f"stages.{i}"] = x
+        return out
+
+    def forward_features(self, x, mask=None, *, train: bool = False):
+        """The last stage's feature map, before pooling."""
+        return self.forward_intermediates(x, mask, train=train)[f"stages.{len(self.stages) - 1}"]
+
+    def pool(self, features, mask=None):
+        """Global average pool to (B, C) in float32 (foreground-only for late masked_mean)."""
+        features = features.astype(jnp.float32)
+        if self.masking == "late" and self.late_pool == "masked_mean":
+            grid = masking_lib.resize_mask_nearest(mask, features.shape[1:3])
+            return masking_lib.masked_mean_pool(features, grid)
+        return jnp.mean(features, axis=(1, 2))
+
+    def __call__(self, x, mask=None, *, train: bool = False):
+        features = self.forward_features(x, mask, train=train)
+        return self.head(self.pool(features, mask), train=train)
+
+    def frozen_backbone_filter(self):
+        """Parameters trained in frozen-backbone mode: the head; with late masking also the
+        last stage (its downsample norm + conv and its blocks), which learns to read the
+        masked features."""
+        prefixes = [("head",)]
+        if self.masking == "late":
+            prefixes.append(("stages", str(len(self.stages) - 1)))
+        return nnx.All(nnx.Param, functools.partial(_path_has_prefix, tuple(prefixes)))
+
+
+def _path_has_prefix(prefixes: tuple[tuple[str, ...], ...], path, _value) -> bool:
+    keys = tuple(str(p) for p in path)
+    return any(keys[: len(p)] == p for p in prefixes)
+
+
+# name -> timm's architecture arguments (timm's `convnext_*` entry points).
+_ARCHS = {
+    "convnext_atto": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), conv_mlp=True),
+    "convnext_femto": dict(depths=(2, 2, 6, 2), dims=(48, 96, 192, 384), conv_mlp=True),
+    "convnext_pico": dict(depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), conv_mlp=True),
+    "convnext_nano": dict(depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), conv_mlp=True),
+    "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    "convnext_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    "convnext_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "convnext_large": dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    "convnext_xlarge": dict(depths=(3, 3, 27, 3), dims=(256, 512, 1024, 2048)),
+}
+
+
+def _constructor(arch: dict):
+    def create(*, num_classes: int, rngs: nnx.Rngs, **overrides) -> ConvNeXt:
+        # Overrides win, like timm's `create_model(name, depths=..., dims=...)`.
+        return ConvNeXt(num_classes=num_classes, rngs=rngs, **{**arch, **overrides})
+
+    return create
+
+
+MODELS = {name: _constructor(arch) for name, arch in _ARCHS.items()}

@@ -1,0 +1,104 @@
+"""Early and late masking, shared by every model family (Aniraj et al. 2023; REFERENCE.md §2).
+
+Early masking replaces background pixels before the network sees them; late masking multiplies a
+feature map (or patch-token grid) by the foreground mask, downsampled nearest-neighbour the way
+PyTorch's `F.interpolate(mode="nearest")` does, so features and gradients of background
+positions are exactly zero from there on.
+
+Images here are already normalised NHWC; masks are (B, H, W) foreground in input pixels (0/1,
+any dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+# Strategies every family supports; a family may add its own (ViT: "attn").
+MASKING_STRATEGIES = ("none", "early", "late")
+EARLY_FILLS = ("black", "mean")
+LATE_POOLS = ("mean", "masked_mean")
+
+
+def check_strategy(masking: str, allowed: Sequence[str] = MASKING_STRATEGIES) -> None:
+    """Raise a ValueError if `masking` is not one of `allowed`."""
+    if masking not in allowed:
+        raise ValueError(f"unknown masking {masking!r}; expected one of {tuple(allowed)}")
+
+
+def check_mask(x, mask, masking: str) -> None:
+    """Validate the (image, mask) pair a model is called with, for masking strategy `masking`.
+
+    Shapes are static under jit, so this costs nothing at run time.
+    """
+    if masking == "none":
+        if mask is not None:
+            raise ValueError(
+                "a mask was given but the model was built with masking='none'; "
+                "build it with masking='early' or 'late', or call it without a mask"
+            )
+        return
+    if mask is None:
+        raise ValueError(
+            f"masking={masking!r} needs a foreground mask of shape {tuple(x.shape[:3])}"
+        )
+    if tuple(mask.shape) != tuple(x.shape[:3]):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match images {tuple(x.shape)}: "
+            f"expected (B, H, W) = {tuple(x.shape[:3])}"
+        )
+
+
+def early_fill_value(kind: str, pixel_mean: Sequence[float], pixel_std: Sequence[float]):
+    """Per-channel fill in *normalised* space: "black" is pixel 0, i.e. -mean/std; "mean" is 0."""
+    if kind not in EARLY_FILLS:
+        raise ValueError(f"unknown early_fill {kind!r}; expected one of {EARLY_FILLS}")
+    mean = np.asarray(pixel_mean, np.float32)
+    std = np.asarray(pixel_std, np.float32)
+    if mean.shape != std.shape:
+        raise ValueError(f"pixel_mean {mean.shape} and pixel_std {std.shape} differ in shape")
+    return -mean / std if kind == "black" else np.zeros_like(mean)
+
+
+def early_mask(x, mask, fill):
+    """Replace background pixels of normalised NHWC `x` by the per-channel `fill`."""
+    m = jnp.asarray(mask, x.dtype)[..., None]
+    return x * m + jnp.asarray(fill, x.dtype) * (1 - m)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source index of each output position, by torch's `nearest` rule.
+
+    torch computes `min(floor(dst * (in / out)), in - 1)` in float32; we do the same in NumPy
+    so odd ratios pick the very same pixels.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def resize_mask_nearest(mask, size: tuple[int, int]):
+    """Nearest resize of (B, H, W) `mask` to (B, h, w), like `F.interpolate(mode="nearest")`."""
+    h, w = size
+    rows = nearest_indices(mask.shape[1], h)
+    cols = nearest_indices(mask.shape[2], w)
+    return jnp.asarray(mask)[:, rows][:, :, cols]
+
+
+def late_mask(features, mask):
+    """Multiply NHWC `features` by `mask` resized to their grid; returns (masked, grid mask)."""
+    grid = resize_mask_nearest(mask, features.shape[1:3]).astype(features.dtype)
+    return features * grid[..., None], grid
+
+
+def masked_mean_pool(features, grid):
+    """Mean of NHWC `features` over foreground positions of `grid` (B, h, w).
+
+    An all-background sample divides by 1 instead of 0 and so pools to zeros, not NaN.
+    """
+    grid = grid.astype(features.dtype)
+    total = jnp.sum(features * grid[..., None], axis=(1, 2))
+    count = jnp.sum(grid, axis=(1, 2))[:, None]
+    return total / jnp.maximum(count, 1)

@@ -1,0 +1,571 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) and DINOv2 in Flax NNX, numerically equal to timm.
+
+Attribute names are timm's module names (`cls_token`, `reg_token`, `pos_embed`,
+`patch_embed.proj`, `blocks.3.attn.qkv`, `blocks.3.ls1.gamma`, `norm`, `head`), so `timm_io`
+converts weights mechanically. Images are NHWC. On top of timm's model: background masking
+(Aniraj et al. 2023, REFERENCE.md §2) and our attention masking, position-embedding resampling
+to any input size, per-block rematerialisation, a compute dtype separate from the fp32
+parameters, and FSDP partitioning metadata on kernels.
+
+Masking strategies (`masking=`):
+  "early"  background pixels become `early_fill` before the patch embedding.
+  "late"   patch tokens are multiplied by the token-grid mask after block `late_block`
+           (-1: after the last block and the final norm, as the paper's code does; -2: after
+           the second-last block, then an extra LayerNorm `late_norm`, then the last block).
+  "attn"   (ours) background pixels are filled as in "early", and tokens whose patch holds no
+           foreground pixel are excluded as attention *keys* in every block, so no token ever
+           reads them; pooling covers foreground tokens only. The logits are then exactly
+           invariant to background pixels.
+Prefix tokens (CLS and registers) are never masked and always attendable.
+
+Token-grid rule. torch's `nearest` (what `masking.resize_mask_nearest` reproduces) reads each
+patch's top-left pixel: half a patch off. The paper's released code resizes with
+`nearest-exact`, which for a patch grid is each patch's *centre* pixel; "late" uses that rule
+(close to a majority vote for compact masks, and the paper's own). "attn" needs a rule that
+never drops foreground, so there a token is foreground if *any* of its pixels is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bgjax.models import masking as masking_lib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MASKING_STRATEGIES = (*masking_lib.MASKING_STRATEGIES, "attn")
+HEAD_POOLS = ("cls", "gap", "cls+gap")
+# jax.nn.dot_product_attention backends: None lets JAX choose (XLA today), "cudnn" is the fused
+# flash kernel on NVIDIA GPUs (bf16/fp16 only).
+ATTN_IMPLS = (None, "xla", "cudnn")
+# The paper's heads: linear on [CLS ‖ mean(patches)] for late masking; timm's CLS otherwise; for
+# "attn" the foreground mean is what makes the logits background-invariant by construction.
+DEFAULT_HEAD_POOL = {"none": "cls", "early": "cls", "late": "cls+gap", "attn": "gap"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Position-embedding resampling (timm's `resample_abs_pos_embed`, as matrices).
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool = False) -> np.ndarray:
+    """[out, in] weights reproducing torch's 1-D bicubic resize (align_corners=False).
+
+    antialias=False: `F.interpolate(mode="bicubic")`: a = -0.75, 4 taps, indices clamped.
+    antialias=True: torch's PIL-style filter: a = -0.5, support widened by the downscale
+    factor, weights renormalised over in-range taps.
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    if not antialias:
+        src = (rows + 0.5) * scale - 0.5
+        base = np.floor(src)
+        for tap in range(-1, 3):
+            idx = np.clip(base + tap, 0, in_size - 1).astype(int)
+            np.add.at(weights, (rows, idx), _cubic(src - (base + tap), -0.75))
+        return weights
+    support = 2.0 * max(scale, 1.0)
+    inv = 1.0 / max(scale, 1.0)
+    for i in rows:
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = _cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
+        weights[i, lo:hi] = taps / taps.sum()
+    return weights
+
+
+def resample_pos_embed(
+    pos_embed,
+    new_grid: Sequence[int],
+    old_grid: Sequence[int] | None = None,
+    num_prefix_tokens: int = 1,
+    *,
+    antialias: bool = False,
+):
+    """Bicubic resize of a [1, prefix + h*w, D] position embedding to `new_grid` (h', w').
+
+    Equal to timm's `resample_abs_pos_embed` with the same `antialias` (timm's own default
+    there is True); prefix rows (class/register slots) are kept as they are. `old_grid` None
+    means square. NumPy in, NumPy out (for converters); jax arrays stay jax (traceable).
+    """
+    num_pos = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(num_pos)
+        if side * side != num_pos:
+            raise ValueError(
+                f"pos_embed has {num_pos} grid rows (after {num_prefix_tokens} prefix), not a "
+                "square: pass old_grid"
+            )
+        old_grid = (side, side)
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid[0] * old_grid[1] != num_pos:
+        raise ValueError(f"pos_embed has {num_pos} grid rows, old_grid {old_grid} needs more")
+    if old_grid == new_grid:
+        return pos_embed
+    xp = np if isinstance(pos_embed, np.ndarray) else jnp
+    rows = bicubic_matrix(old_grid[0], new_grid[0], antialias=antialias)
+    cols = bicubic_matrix(old_grid[1], new_grid[1], antialias=antialias)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = grid.reshape(1, *old_grid, -1).astype(xp.float32)
+    kw = {} if xp is np else {"precision": jax.lax.Precision.HIGHEST}
+    rows, cols = (xp.asarray(m, xp.float32) for m in (rows, cols))
+    grid = xp.einsum("hH,wW,bHWd->bhwd", rows, cols, grid, **kw)
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
+    return xp.concatenate([prefix, grid], axis=1)
+
+
+def fit_pos_embed(model: VisionTransformer, state_dict: dict, *, antialias: bool = False) -> dict:
+    """A timm state dict whose (square-grid) `pos_embed` is resampled to `model`'s grid."""
+    if "pos_embed" not in state_dict:
+        raise ValueError("state dict has no 'pos_embed' key")
+    pos = np.asarray(state_dict["pos_embed"])
+    fitted = resample_pos_embed(
+        pos, model.grid_size, None, model.num_pos_prefix_tokens, antialias=antialias
+    )
+    return {**state_dict, "pos_embed": fitted}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-grid masks.
+
+
+def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "centre"):
+    """(B, H, W) pixel mask -> (B, h, w) float token mask for a `patch_size` patch grid.
+
+    rule "centre": the patch's centre pixel (torch `nearest-exact`, the paper's code);
+    "any": 1 if any pixel of the patch is foreground. Pixels past the grid (dropped by the
+    patch embedding) are ignored.
+    """
+    h, w = grid
+    p = patch_size
+    mask = jnp.asarray(mask)[:, : h * p, : w * p].astype(jnp.float32)
+    if rule == "centre":
+        return mask[:, p // 2 :: p, p // 2 :: p]
+    if rule == "any":
+        return jnp.max(mask.reshape(mask.shape[0], h, p, w, p), axis=(2, 4))
+    raise ValueError(f"unknown token-grid rule {rule!r}; expected 'centre' or 'any'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _kernel_init(sharding: tuple[str | None, ...], init=None):
+    """timm's trunc_normal(std=.02) (or `init`), annotated for FSDP; placed by bgjax.parallel."""
+    init = init or nnx.initializers.truncated_normal(stddev=0.02)
+    return nnx.with_partitioning(init, sharding, eager_sharding=False)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, like torch: the one-pass E[x^2]-E[x]^2 loses ~1e-4 on large activations.
+    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
+    sharding = ("fsdp", None) if shard_in else (None, "fsdp")
+    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_kernel_init(sharding), rngs=rngs)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p×p/p convolution: (B, H, W, C) -> (B, H//p, W//p, D)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, rngs):
+        init = _kernel_init((None, None, None, "fsdp"), nnx.initializers.lecun_normal())
+        self.proj = nnx.Conv(
+            in_chans,
+            embed_dim,
+            (patch_size, patch_size),
+            strides=patch_size,
+            padding="VALID",
+            dtype=dtype,
+            kernel_init=init,
+            rngs=rngs,
+        )
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; qkv output ordered [q|k|v] then heads, as timm."""
+
+    def __init__(self, dim: int, num_heads: int, *, implementation=None, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.implementation = implementation
+        self.qkv = _dense(dim, 3 * dim, dtype, rngs)
+        self.proj = _dense(dim, dim, dtype, rngs, shard_in=True)
+
+    def __call__(self, x, key_mask=None):
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # key_mask (B, S) bool: True = attendable; broadcast over heads and queries.
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = jax.nn.dot_product_attention(  # scale head_dim**-0.5
+            q, k, v, mask=mask, implementation=self.implementation
+        )
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2, or (`gated`, timm's SwiGLUPacked) fc1 -> SiLU(a) * b -> fc2."""
+
+    def __init__(self, dim: int, hidden: int, *, gated: bool, dtype, rngs: nnx.Rngs):
+        if gated and hidden % 2:
+            raise ValueError(f"a gated MLP needs an even hidden width, got {hidden}")
+        self.gated = gated
+        self.fc1 = _dense(dim, hidden, dtype, rngs)
+        self.fc2 = _dense(hidden // 2 if gated else hidden, dim, dtype, rngs, shard_in=True)
+
+    def __call__(self, x):
+        x = self.fc1(x)
+        if self.gated:
+            a, b = jnp.split(x, 2, axis=-1)
+            x = jax.nn.silu(a) * b
+        else:
+            x = jax.nn.gelu(x, approximate=False)
+        return self.fc2(x)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init_values: float):
+        self.gamma = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
+
+    def __call__(self, x):
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), with drop-path."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_hidden: int,
+        *,
+        gated_mlp: bool,
+        init_values: float | None,
+        drop_path: float,
+        attn_impl: str | None,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.norm1 = _layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, num_heads, implementation=attn_impl, dtype=dtype, rngs=rngs)
+        self.ls1 = LayerScale(dim, init_values) if init_values else None
+        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.mlp = Mlp(dim, mlp_hidden, gated=gated_mlp, dtype=dtype, rngs=rngs)
+        self.ls2 = LayerScale(dim, init_values) if init_values else None
+        # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1/(1-rate).
+        self.drop_path = (
+            nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs) if drop_path > 0 else None
+        )
+
+    def _branch(self, y, layer_scale, train: bool):
+        if layer_scale is not None:
+            y = layer_scale(y)
+        if self.drop_path is not None:
+            y = self.drop_path(y, deterministic=not train)
+        return y
+
+    def __call__(self, x, key_mask=None, *, train: bool = False):
+        x = x + self._branch(self.attn(self.norm1(x), key_mask), self.ls1, train)
+        return x + self._branch(self.mlp(self.norm2(x)), self.ls2, train)
+
+
+def _run_block(block: Block, x, key_mask, train: bool):
+    return block(x, key_mask, train=train)
+
+
+def _path_has_prefix(prefixes: tuple[tuple[str, ...], ...], path, _value) -> bool:
+    keys = tuple(str(p) for p in path)
+    return any(keys[: len(p)] == p for p in prefixes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+class VisionTransformer(nnx.Module):
+    """timm's `VisionTransformer` (class token, learned position embedding, pre-norm blocks,
+    final `norm`, linear `head`), with optional registers, LayerScale and background masking.
+
+    `model(x, mask=None, *, train=False)`: x normalised NHWC float (B, H, W, in_chans); mask
+    (B, H, W) foreground in input pixels, required iff `masking != "none"`. Inputs of another
+    size than `img_size` work: the position embedding is resampled on the fly (bicubic,
+    `pos_embed_antialias`), like timm's `dynamic_img_size=True`.
+
+    head_pool: "cls" (token 0, timm), "gap" (mean of patch tokens after `norm`, = timm's
+    global_pool="avg" with fc_norm=False) or "cls+gap" (concatenated; head input 2·D). With
+    late masking, "gap" averages over all patch positions, zeros included (`late_pool="mean"`,
+    the paper) or over foreground positions (`"masked_mean"`); with "attn" always over
+    foreground. num_classes=0 gives no head: the pooled features are returned.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        rngs: nnx.Rngs,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        gated_mlp: bool = False,
+        init_values: float | None = None,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        drop_path_rate: float = 0.0,
+        dtype=jnp.float32,
+        remat: bool = False,
+        attn_impl: str | None = None,
+        pos_embed_antialias: bool = False,
+        masking: str = "none",
+        early_fill: str = "black",
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+        late_block: int = -1,
+        late_pool: str = "mean",
+        head_pool: str | None = None,
+    ):
+        masking_lib.check_strategy(masking, MASKING_STRATEGIES)
+        head_pool = head_pool or DEFAULT_HEAD_POOL[masking]
+        if head_pool not in HEAD_POOLS:
+            raise ValueError(f"unknown head_pool {head_pool!r}; expected one of {HEAD_POOLS}")
+        if not -depth <= late_block <= -1:
+            raise ValueError(f"late_block must be in [-{depth}, -1] (depth {depth}): {late_block}")
+        if late_pool not in masking_lib.LATE_POOLS:
+            raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; expected one of {ATTN_IMPLS}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        if min(grid_size) < 1:
+            raise ValueError(f"img_size {img_size} is smaller than patch_size {patch_size}")
+        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
+        if fill.shape != (in_chans,):
+            raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.img_size = img_size
+        self.grid_size = grid_size
+        self.num_prefix_tokens = 1 + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.num_pos_prefix_tokens = 0 if no_embed_class else self.num_prefix_tokens
+        self.dtype = dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.pos_embed_antialias = pos_embed_antialias
+        self.masking = masking
+        self.early_fill_value = tuple(float(v) for v in fill)  # static: not a parameter
+        self.late_block = late_block
+        self.late_pool = late_pool
+        self.head_pool = head_pool
+
+        key = rngs.params
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
+        self.cls_token = nnx.Param(1e-6 * jax.random.normal(key(), (1, 1, embed_dim)))
+        self.reg_token = (
+            nnx.Param(1e-6 * jax.random.normal(key(), (1, reg_tokens, embed_dim)))
+            if reg_tokens
+            else None
+        )
+        embed_len = grid_size[0] * grid_size[1] + self.num_pos_prefix_tokens
+        trunc = nnx.initializers.truncated_normal(stddev=0.02)
+        self.pos_embed = nnx.Param(trunc(key(), (1, embed_len, embed_dim)))
+        rates = np.linspace(0.0, drop_path_rate, depth).tolist()
+        self.blocks = nnx.List(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    int(embed_dim * mlp_ratio),
+                    gated_mlp=gated_mlp,
+                    init_values=init_values,
+                    drop_path=rate,
+                    attn_impl=attn_impl,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for rate in rates
+            ]
+        )
+        self.late_norm = (
+            _layer_norm(embed_dim, dtype, rngs) if masking == "late" and late_block < -1 else None
+        )
+        self.norm = _layer_norm(embed_dim, dtype, rngs)
+        head_in = 2 * embed_dim if head_pool == "cls+gap" else embed_dim
+        self.head = (
+            nnx.Linear(head_in, num_classes, kernel_init=trunc, rngs=rngs) if num_classes else None
+        )
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def _embed(self, x):
+        """Patch tokens + position embedding, with prefix tokens: (B, prefix + h*w, D)."""
+        x = self.patch_embed(x)
+        b, h, w, d = x.shape
+        pos = self.pos_embed[...]
+        if (h, w) != self.grid_size:
+            pos = resample_pos_embed(
+                pos, (h, w), self.grid_size, self.num_pos_prefix_tokens,
+                antialias=self.pos_embed_antialias,
+            )  # fmt: skip
+        pos = pos.astype(x.dtype)
+        x = x.reshape(b, h * w, d)
+        prefix = [jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))]
+        if self.reg_token is not None:
+            reg = self.reg_token[...].astype(x.dtype)
+            prefix.append(jnp.broadcast_to(reg, (b, *reg.shape[1:])))
+        if self.no_embed_class:  # DINOv2 registers, DeiT-3: prefix tokens carry no position
+            return jnp.concatenate([*prefix, x + pos], axis=1)
+        return jnp.concatenate([*prefix, x], axis=1) + pos
+
+    def _with_prefix(self, token_mask, dtype):
+        """(B, h, w) patch mask -> (B, prefix + h*w) with the prefix tokens set to 1."""
+        b = token_mask.shape[0]
+        ones = jnp.ones((b, self.num_prefix_tokens), dtype)
+        return jnp.concatenate([ones, token_mask.reshape(b, -1).astype(dtype)], axis=1)
+
+    def _forward(self, x, mask, train: bool):
+        """-> (tokens after `norm` (B, N, D), pooling mask (B, h, w) or None, block outputs)."""
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(f"expected NHWC images with {self.in_chans} channels, got {x.shape}")
+        masking_lib.check_mask(x, mask, self.masking)
+        if self.masking in ("early", "attn"):
+            x = masking_lib.early_mask(x, mask, jnp.asarray(self.early_fill_value, x.dtype))
+        grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
+        if min(grid) < 1:
+            raise ValueError(f"images {x.shape} are smaller than one {self.patch_size}px patch")
+        tokens = self._embed(x.astype(self.dtype))
+
+        key_mask = token_scale = pool_mask = None
+        if self.masking == "attn":
+            pool_mask = patch_grid_mask(mask, self.patch_size, grid, rule="any")
+            key_mask = self._with_prefix(pool_mask, jnp.bool_)
+        elif self.masking == "late":
+            grid_mask = patch_grid_mask(mask, self.patch_size, grid, rule="centre")
+            token_scale = self._with_prefix(grid_mask, tokens.dtype)[..., None]
+            pool_mask = grid_mask if self.late_pool == "masked_mean" else None
+        # late_block=-k < -1 masks after block depth-k (behind `late_norm`); -1 after `norm`.
+        mask_after = self.depth + self.late_block if self.late_norm is not None else None
+
+        run = nnx.remat(_run_block, static_argnums=(3,)) if self.remat else _run_block
+        intermediates = []
+        for i, block in enumerate(self.blocks):
+            tokens = run(block, tokens, key_mask, train)
+            intermediates.append(tokens)
+            if i == mask_after:
+                tokens = self.late_norm(tokens) * token_scale
+        tokens = self.norm(tokens)
+        if token_scale is not None and self.late_norm is None:
+            tokens = tokens * token_scale  # the paper masks the final normalised tokens
+        return tokens, pool_mask, intermediates
+
+    def forward_intermediates(self, x, mask=None, *, train: bool = False):
+        """(tokens after the final norm, [output of each block]), all (B, prefix + h*w, D).
+
+        Block outputs are taken before any late masking that follows them."""
+        tokens, _, intermediates = self._forward(x, mask, train)
+        return tokens, intermediates
+
+    def forward_features(self, x, mask=None, *, train: bool = False):
+        """All tokens (prefix first) after the final norm, late masking applied."""
+        return self._forward(x, mask, train)[0]
+
+    def pool(self, tokens, pool_mask=None):
+        """(B, N, D) tokens -> (B, D or 2D) float32 head input; `pool_mask` (B, h, w) restricts
+        the patch mean to foreground tokens."""
+        tokens = tokens.astype(jnp.float32)
+        cls = tokens[:, 0]
+        if self.head_pool == "cls":
+            return cls
+        patches = tokens[:, self.num_prefix_tokens :]
+        if pool_mask is None:
+            gap = jnp.mean(patches, axis=1)
+        else:
+            b, h, w = pool_mask.shape
+            gap = masking_lib.masked_mean_pool(patches.reshape(b, h, w, -1), pool_mask)
+        return gap if self.head_pool == "gap" else jnp.concatenate([cls, gap], axis=-1)
+
+    def __call__(self, x, mask=None, *, train: bool = False):
+        tokens, pool_mask, _ = self._forward(x, mask, train)
+        pooled = self.pool(tokens, pool_mask)
+        # The head runs in float32 whatever the compute dtype: it is tiny and feeds the loss.
+        return pooled if self.head is None else self.head(pooled)
+
+    def frozen_backbone_filter(self):
+        """Parameters trained in frozen-backbone mode: the head; with late masking also the last
+        block, the final `norm` and `late_norm`, which learn to read the masked tokens."""
+        prefixes = [("head",)]
+        if self.masking == "late":
+            prefixes += [("blocks", str(self.depth - 1)), ("norm",), ("late_norm",)]
+        return nnx.All(nnx.Param, functools.partial(_path_has_prefix, tuple(prefixes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named architectures (timm's entry points of the same names).
+
+_DINOV2 = dict(patch_size=14, img_size=518, init_values=1e-5)
+_REG4 = dict(reg_tokens=4, no_embed_class=True)
+# timm: mlp_ratio 2.66667 * 2 with SwiGLUPacked -> fc1 8192 wide, gated down to 4096.
+_GIANT = dict(embed_dim=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, gated_mlp=True)
+_DINOV2_SIZES = {
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "giant": _GIANT,
+}
+
+_ARCHS = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    **{f"vit_{s}_patch14_dinov2": {**_DINOV2, **a} for s, a in _DINOV2_SIZES.items()},
+    **{f"vit_{s}_patch14_reg4_dinov2": {**_DINOV2, **_REG4, **a} for s, a in _DINOV2_SIZES.items()},
+}
+
+
+def _constructor(arch: dict):
+    def create(*, num_classes: int, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
+        # Overrides win, like timm's `create_model(name, depth=..., img_size=...)`.
+        return VisionTransformer(num_classes=num_classes, rngs=rngs, **{**arch, **overrides})
+
+    return create
+
+
+MODELS = {name: _constructor(arch) for name, arch in _ARCHS.items()}
+
+
+def vit_custom(*, num_classes: int = 10, rngs: nnx.Rngs | None = None, **overrides):
+    """A tiny ViT for tests and CPU runs (depth 2, width 32, 2 heads, 32 px, patch 8)."""
+    arch = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return VisionTransformer(num_classes=num_classes, rngs=rngs or nnx.Rngs(0), **arch | overrides)

@@ -1,0 +1,151 @@
+"""Every bgjax picture, in one style.
+
+Figures are built with matplotlib's object API (`matplotlib.figure.Figure`, never pyplot): no
+backend has to be chosen, nothing global is left open, and plotting from worker threads is safe.
+A plot function builds its figure inside `style()` (rc parameters are read when artists are made)
+and writes it with `save_figure`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+DPI = 100
+STYLE = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+    "image.interpolation": "nearest",  # show dataset pixels as they are, no smoothing
+}
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """The bgjax rc parameters, for building one figure."""
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> str:
+    """Write `fig` (format from the suffix, e.g. .png/.pdf/.svg), creating parent folders."""
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+# Grid geometry in inches: a square cell per image, a strip on the left for row labels and one on
+# top for column titles. Axes are placed explicitly (no tight layout), so the saved size is exactly
+# (LEFT + cols * CELL, TOP + rows * CELL) * DPI pixels.
+GRID_CELL_IN = 1.2
+GRID_LEFT_IN = 0.45  # room for two lines of vertical row label
+GRID_TOP_IN = 0.3
+_GRID_GAP = 0.04  # fraction of a cell left blank around each image
+
+
+def variant_grid(
+    rows: Sequence[tuple[str, Mapping[str, np.ndarray]]], out_path: str | os.PathLike
+) -> str:
+    """A grid of images: one row per `(row_label, {column_title: image})`, columns in the order of
+    the first row's keys (every row must have the same keys). Images are uint8 [H, W, 3]."""
+    if not rows:
+        raise ValueError("variant_grid needs at least one row")
+    columns = list(rows[0][1])
+    for label, images in rows:
+        if list(images) != columns:
+            raise ValueError(f"row {label!r} has columns {list(images)}, expected {columns}")
+    nrows, ncols = len(rows), len(columns)
+    width = GRID_LEFT_IN + ncols * GRID_CELL_IN
+    height = GRID_TOP_IN + nrows * GRID_CELL_IN
+    cell_w, cell_h = GRID_CELL_IN / width, GRID_CELL_IN / height
+    gap_w, gap_h = _GRID_GAP * cell_w, _GRID_GAP * cell_h
+    with style():
+        fig = Figure(figsize=(width, height))
+        for r, (label, images) in enumerate(rows):
+            for c, title in enumerate(columns):
+                left = GRID_LEFT_IN / width + c * cell_w + gap_w
+                bottom = 1 - GRID_TOP_IN / height - (r + 1) * cell_h + gap_h
+                ax = fig.add_axes((left, bottom, cell_w - 2 * gap_w, cell_h - 2 * gap_h))
+                ax.imshow(images[title])
+                # Ticks and frame off by hand: ax.axis("off") would also hide the row label.
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if r == 0:
+                    ax.set_title(title, pad=3)
+                if c == 0:
+                    ax.set_ylabel(label, labelpad=3, fontsize=8)
+        return save_figure(fig, out_path)
+
+
+def variant_accuracy_bars(
+    series: Mapping[str, Mapping[str, float | None]],
+    out_path: str | os.PathLike,
+    *,
+    ylabel: str = "accuracy (%)",
+    chance: float | None = None,
+) -> str:
+    """Grouped bars: one group per key of the series' dicts (variants, in first-seen order), one
+    bar per series (a model / run). Values are fractions in [0, 1]; None leaves a gap."""
+    if not series:
+        raise ValueError("variant_accuracy_bars needs at least one series")
+    groups = list(dict.fromkeys(k for values in series.values() for k in values))
+    n = len(series)
+    width = 0.8 / n
+    x = np.arange(len(groups))
+    with style():
+        fig = Figure(figsize=(max(4.0, 0.6 * len(groups) * max(1, n / 2) + 1.5), 3.2))
+        ax = fig.add_subplot()
+        for i, (label, values) in enumerate(series.items()):
+            heights = [np.nan if values.get(g) is None else 100 * values[g] for g in groups]
+            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, label=label)
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xticks(x, groups, rotation=30, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(ylabel)
+        if n > 1 or chance is not None:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        elif n == 1:
+            ax.set_title(next(iter(series)))
+        fig.tight_layout()
+        return save_figure(fig, out_path)
+
+
+def saliency_overlays(
+    images: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    out_path: str | os.PathLike,
+    *,
+    row_labels: Sequence[str] | None = None,
+) -> str:
+    """One row per image: the image, then each saliency map (normalised per image to its max)
+    overlaid on it as a heat map. `images` uint8 [N, H, W, 3]; maps {name: float [N, H, W]}."""
+    rows = []
+    for i, image in enumerate(images):
+        cells = {"image": image}
+        for name, sal in maps.items():
+            heat = np.asarray(sal[i], np.float32)
+            heat = heat / heat.max() if heat.max() > 0 else heat
+            colour = matplotlib.colormaps["inferno"](heat)[..., :3]
+            cells[name] = (0.45 * image / 255.0 + 0.55 * colour).clip(0, 1)
+        rows.append((row_labels[i] if row_labels is not None else str(i), cells))
+    return variant_grid(rows, out_path)

@@ -1,0 +1,701 @@
+r"""Train a classifier from a config file (big_vision style), readable top to bottom.
+
+    bgjax train --config configs/synthetic.py:arch=vit,strategy=late --workdir runs/vit_late
+    python -m bgjax.train --config configs/cub.py:size=small --workdir runs/cub \
+        --config.total_steps=2000 --config.optimizer.lr=3e-4
+
+parse -> mesh -> data -> model -> optimizer -> restore-or-init -> loop (step, log, eval,
+checkpoint) -> final checkpoint. Running the same command again resumes from the workdir's
+latest complete checkpoint (model, optimizer, step, RNG and the Grain iterator position), so an
+interrupted run finishes with the same parameters as an uninterrupted one. SIGTERM (preemption)
+saves at the next step boundary and exits 0.
+
+Workdir: config.json (the resolved config), dataset_info.json (classes, normalisation),
+metrics.jsonl (+ TensorBoard events when tensorboardX is installed), checkpoints/<step>/.
+
+For evaluation and demos: `restore_model(workdir, step=None)` -> (model, config, info),
+`make_model(config, num_classes, ...)`, `make_train_step`, `make_eval_step`, `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from etils import epath
+from flax import nnx
+
+from bgjax import checkpoint as checkpoint_lib
+from bgjax import clflags, config_utils, models, optim, parallel
+from bgjax import data as data_lib
+from bgjax.data import pipeline
+
+# clflags: idempotent definitions, so `bgjax demo` / tests can import several command modules.
+_CONFIG = clflags.config_file("config", "Training config: configs/<experiment>.py[:k=v,...]")
+_WORKDIR = clflags.string("workdir", None, "Directory for checkpoints, logs and config.json.")
+_COORDINATOR = clflags.string(
+    "coordinator_address", None, "host:port of process 0 (multi-process; env BGJAX_COORDINATOR)."
+)
+_NUM_PROCESSES = clflags.integer("num_processes", None, "env BGJAX_NUM_PROCESSES.")
+_PROCESS_ID = clflags.integer("process_id", None, "env BGJAX_PROCESS_ID.")
+
+# config.model keys the trainer consumes; every other key goes to the model constructor.
+_TRAINER_MODEL_KEYS = ("name", "frozen_backbone", "init", "dtype")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def make_model(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    *,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+    rngs: nnx.Rngs | None = None,
+) -> nnx.Module:
+    """`config.model` -> a model. Early masking fills with black in the dataset's normalisation."""
+    mcfg = config.model
+    overrides = {k: v for k, v in mcfg.items() if k not in _TRAINER_MODEL_KEYS}
+    overrides["dtype"] = jnp.dtype(mcfg.get("dtype", "float32"))
+    if pixel_mean is not None:
+        overrides.setdefault("pixel_mean", tuple(pixel_mean))
+        overrides.setdefault("pixel_std", tuple(pixel_std))
+    rngs = rngs or nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+    return models.create(mcfg.name, num_classes, rngs=rngs, **overrides)
+
+
+def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
+    """Everything the optimizer updates: all params, or the model's frozen-backbone subset."""
+    return model.frozen_backbone_filter() if config.model.frozen_backbone else nnx.Param
+
+
+def load_mask_source(mask_source: str) -> Callable[[jax.Array], jax.Array] | None:
+    """None = ground-truth masks from the batch. Hook for segmenter workdirs (images -> masks)."""
+    if mask_source == "gt":
+        return None
+    raise ValueError(f"config.mask_source={mask_source!r}: only 'gt' is supported")
+
+
+def masks_for_batch(batch: Mapping[str, jax.Array], images: jax.Array, segmenter=None):
+    """The foreground masks the model sees: the batch's own, or the segmenter's prediction."""
+    return batch["mask"] if segmenter is None else segmenter(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state: a dict pytree of step, params (trainable), rest (frozen params, RNG streams),
+# opt_state, rng (key data) and optionally ema (a copy of params).
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run's state: how to build it, its layout, its optimizer."""
+
+    graphdef: Any
+    trainable: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init: Callable[[], dict]  # jitted; returns the state laid out as `shardings`
+    abstract: dict  # ShapeDtypeStructs carrying the shardings (restore target)
+    shardings: dict
+
+
+def make_setup(
+    config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh
+) -> Setup:
+    create = functools.partial(
+        make_model, config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std
+    )
+    abstract_model = nnx.eval_shape(create)
+    trainable = trainable_filter(abstract_model, config)
+    graphdef, _, _ = nnx.split(abstract_model, trainable, ...)
+    tx, schedule = optim.make(config.optimizer, config.total_steps)
+    use_ema = config.optimizer.get("ema_decay", 0.0) > 0
+
+    def init() -> dict:
+        _, params, rest = nnx.split(create(), trainable, ...)
+        state = dict(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(config.seed + 2)),
+        )
+        if use_ema:
+            state["ema"] = params
+        return state
+
+    abstract = jax.eval_shape(init)
+    repl = parallel.replicated(mesh)
+    params_sh = parallel.state_shardings(abstract["params"], mesh)
+    shardings = dict(
+        step=repl,
+        params=params_sh,
+        rest=parallel.state_shardings(abstract["rest"], mesh),
+        opt_state=parallel.mirror_shardings(
+            abstract["opt_state"], abstract["params"], params_sh, mesh
+        ),
+        rng=repl,
+    )
+    if use_ema:
+        shardings["ema"] = params_sh
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+    return Setup(
+        graphdef=graphdef,
+        trainable=trainable,
+        tx=tx,
+        schedule=schedule,
+        init=jax.jit(init, out_shardings=shardings),
+        abstract=abstract,
+        shardings=shardings,
+    )
+
+
+def load_init_weights(state: dict, setup: Setup, path: str) -> dict:
+    """Params from a timm-format checkpoint; a head of another class count stays as initialised."""
+    from bgjax.models import timm_io
+
+    model = nnx.merge(setup.graphdef, state["params"], state["rest"])
+    weights = timm_io.read_weights(path)
+    heads = [np.shape(v)[0] for k, v in weights.items() if k in timm_io.HEAD_KEYS]
+    skip = timm_io.HEAD_KEYS if any(n != model.num_classes for n in heads) else ()
+    timm_io.load_timm_state_dict(model, weights, skip=skip)
+    _, params, rest = nnx.split(model, setup.trainable, ...)
+    state = dict(state, params=params, rest=rest)
+    if "ema" in state:
+        state["ema"] = params
+    return jax.device_put(state, setup.shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, batch mixing, steps
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return onehot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def mix_batch(key, images, masks, targets, *, mixup_alpha: float, cutmix_alpha: float, switch_prob):
+    """timm-style batch mixing with the flipped batch: mixup (blend) or cutmix (paste a box),
+    one lam per batch. Masks follow the pixels (mixup: the union of both foregrounds)."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, masks, targets
+    k_switch, k_mix, k_cut, k_box = jax.random.split(key, 4)
+    use_cutmix = (
+        jax.random.uniform(k_switch) < switch_prob
+        if mixup_alpha > 0 and cutmix_alpha > 0
+        else jnp.asarray(cutmix_alpha > 0)
+    )
+    flipped = lambda x: None if x is None else x[::-1]
+    _, height, width = images.shape[:3]
+    # cutmix: a box of area (1 - lam) at a uniform centre, clipped; lam corrected to the clip.
+    lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3))
+    cut = jnp.sqrt(1.0 - lam_cut)
+    cy, cx = jax.random.uniform(k_box, (2,)) * jnp.array([height, width])
+    y0, y1 = jnp.clip(cy - cut * height / 2, 0, height), jnp.clip(cy + cut * height / 2, 0, height)
+    x0, x1 = jnp.clip(cx - cut * width / 2, 0, width), jnp.clip(cx + cut * width / 2, 0, width)
+    ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    box = (
+        (ys >= jnp.floor(y0)) & (ys < jnp.floor(y1)) & (xs >= jnp.floor(x0)) & (xs < jnp.floor(x1))
+    )
+    lam_cut = 1.0 - box.mean()
+    lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3))
+    lam = jnp.where(use_cutmix, lam_cut, lam_mix)
+    cut_images = jnp.where(box[None, :, :, None], flipped(images), images)
+    mix_images = lam_mix * images + (1.0 - lam_mix) * flipped(images)
+    images = jnp.where(use_cutmix, cut_images, mix_images)
+    if masks is not None:
+        cut_masks = jnp.where(box[None], flipped(masks), masks)
+        masks = jnp.where(use_cutmix, cut_masks, jnp.maximum(masks, flipped(masks)))
+    targets = lam * targets + (1.0 - lam) * flipped(targets)
+    return images, masks, targets
+
+
+def _micro_batches(x: jax.Array, count: int) -> jax.Array:
+    """[B, ...] -> [count, B/count, ...], micro-batch i = rows i, i+count, ...: each device's
+    contiguous rows stay on it, so no data moves between devices."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    setup: Setup,
+    info: data_lib.DatasetInfo,
+    segmenter=None,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """(state, global batch) -> (state, metrics); pure, to be jitted with the state donated."""
+    lcfg, ocfg = config.loss, config.optimizer
+    accum = int(ocfg.get("grad_accum", 1))
+    ema_decay = float(ocfg.get("ema_decay", 0.0))
+    masked = config.model.masking != "none"
+    graphdef, trainable = setup.graphdef, setup.trainable
+
+    def loss_fn(params, rest, images, masks, targets):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(images, mask=masks, train=True).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        _, _, rest = nnx.split(model, trainable, ...)  # advanced dropout / drop-path streams
+        return loss, (rest, logits)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        images = pipeline.normalize(batch["image"], info.mean, info.std)
+        masks = masks_for_batch(batch, images, segmenter) if masked else None
+        targets = soft_targets(batch["label"], info.num_classes, lcfg.label_smoothing)
+        images, masks, targets = mix_batch(
+            key,
+            images,
+            masks,
+            targets,
+            mixup_alpha=lcfg.mixup_alpha,
+            cutmix_alpha=lcfg.cutmix_alpha,
+            switch_prob=lcfg.switch_prob,
+        )
+        params = state["params"]
+
+        def micro_step(carry, xs):
+            grads, rest, loss, correct = carry
+            images, masks, targets, labels = xs
+            (micro_loss, (rest, logits)), micro_grads = grad_fn(
+                params, rest, images, masks, targets
+            )
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
+            return (grads, rest, loss + micro_loss, correct), None
+
+        xs = jax.tree.map(
+            lambda x: _micro_batches(x, accum), (images, masks, targets, batch["label"])
+        )
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        carry = (zeros, state["rest"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (grads, rest, loss, correct), _ = jax.lax.scan(micro_step, carry, xs)
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        new_state = dict(state, step=state["step"] + 1, params=params, rest=rest)
+        new_state["opt_state"] = opt_state
+        if ema_decay > 0:  # with TF's warm-up, so early EMA weights are not stuck at init
+            step = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+            new_state["ema"] = jax.tree.map(
+                lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params
+            )
+        metrics = dict(
+            loss=loss / accum,
+            accuracy=correct / batch["label"].shape[0],
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, graphdef, info, segmenter=None):
+    """(params, rest, batch) -> {correct, count} over the valid rows of a global batch."""
+    masked = config.model.masking != "none"
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        images = pipeline.normalize(batch["image"], info.mean, info.std)
+        masks = masks_for_batch(batch, images, segmenter) if masked else None
+        logits = model(images, mask=masks, train=False)
+        hits = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
+        return dict(correct=hits.sum(), count=batch["valid"].sum())
+
+    return eval_step
+
+
+def evaluate(
+    eval_step: Callable, params, rest, source, config, mesh, variants: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy of the model on `source` under each IN-9 variant: {eval/<variant>/accuracy}."""
+    results = {}
+    for variant in variants:
+        ds = pipeline.build(
+            source,
+            variant=variant,
+            batch_size=config.eval.batch_size,
+            image_size=config.data.image_size,
+            train=False,
+            seed=config.seed,
+            num_devices=mesh.size,
+        )
+        totals = None
+        for batch in ds:
+            counts = eval_step(params, rest, pipeline.to_global(batch, mesh))
+            totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+        totals = parallel.fetch(totals)
+        results[f"eval/{variant}/accuracy"] = float(totals["correct"]) / max(
+            1, int(totals["count"])
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricWriter:
+    """metrics.jsonl (+ TensorBoard events if tensorboardX is installed), process 0 only."""
+
+    def __init__(self, workdir: epath.Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.file = (workdir / "metrics.jsonl").open("a")
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logging.info("tensorboardX is not installed: writing metrics.jsonl only")
+        else:
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for name, value in metrics.items():
+                self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _summarise(pending: list[tuple[int, dict]], ckpt_dir: epath.Path) -> dict[str, float]:
+    """Mean of the pending steps' metrics; a non-finite loss or parameter stops the run."""
+    values = [(step, parallel.fetch(m)) for step, m in pending]
+    for step, m in values:
+        for name in ("loss", "param_norm"):
+            if not np.isfinite(m[name]):
+                what = "loss" if name == "loss" else "parameters after the update"
+                raise FloatingPointError(
+                    f"non-finite {what} ({m[name]}) at step {step}; stopping without saving. "
+                    f"The last good checkpoint in {ckpt_dir} is kept; lower the learning rate or "
+                    "enable clipping (config.optimizer.lr / clip_norm) and rerun to resume."
+                )
+    return {f"train/{k}": float(np.mean([m[k] for _, m in values])) for k in values[0][1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Errors a run would otherwise hit late (after compiling or on a checkpoint step)."""
+    accum = int(config.optimizer.get("grad_accum", 1))
+    per_device, rest = divmod(config.batch_size, mesh.size)
+    if rest or per_device % max(accum, 1):
+        raise ValueError(
+            f"batch_size {config.batch_size} must split over {mesh.size} devices and "
+            f"optimizer.grad_accum={accum} micro-batches per device"
+        )
+    for key in ("total_steps", "log_every_steps"):
+        if config[key] <= 0:
+            raise ValueError(f"config.{key} must be positive, got {config[key]}")
+    if config.checkpoint.every_steps <= 0:
+        raise ValueError(
+            f"checkpoint.every_steps must be positive: {config.checkpoint.every_steps}"
+        )
+
+
+def _dataset_info_json(info: data_lib.DatasetInfo) -> str:
+    return json.dumps(
+        dict(
+            name=info.name,
+            class_names=list(info.class_names),
+            habitat_names=None if info.habitat_names is None else list(info.habitat_names),
+            image_size=info.image_size,
+            mean=list(info.mean),
+            std=list(info.std),
+        ),
+        indent=2,
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) in `workdir`. Returns the last logged metrics and `preempted`."""
+    workdir = epath.Path(workdir)
+    is_main = parallel.is_main_process()
+    mesh = parallel.make_mesh(config.mesh)
+    check_config(config, mesh)
+    logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+
+    # Data: this process's shard of the training stream; the source's info sizes the model.
+    train_source = data_lib.get_source(config.data, "train")
+    info = train_source.info
+    train_iter = iter(
+        pipeline.build(
+            train_source,
+            variant=config.train_variant,
+            batch_size=config.batch_size,
+            image_size=config.data.image_size,
+            train=True,
+            seed=config.seed,
+            augment=config.augment,
+            worker_count=config.data_workers,
+            num_devices=mesh.size,
+        )
+    )
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "dataset_info.json").write_text(_dataset_info_json(info))
+
+    # Model + optimizer: shapes and shardings first; arrays only when nothing can be restored.
+    setup = make_setup(config, info, mesh)
+    ckpt_cfg = config.checkpoint
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir / "checkpoints",
+        keep=ckpt_cfg.keep,
+        keep_best=ckpt_cfg.keep_best,
+        best_metric=ckpt_cfg.best_metric,
+        best_mode=ckpt_cfg.best_mode,
+        async_save=ckpt_cfg.async_save,
+    )
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, setup.abstract, train_iter)
+        logging.info("resumed from step %d", start)
+    else:
+        start = 0
+        state = setup.init()
+        if config.model.init:
+            state = load_init_weights(state, setup, config.model.init)
+
+    segmenter = load_mask_source(config.mask_source)
+    batch_sh = parallel.batch_sharding(mesh)
+    train_step = jax.jit(
+        make_train_step(config, setup, info, segmenter),
+        in_shardings=(setup.shardings, batch_sh),
+        out_shardings=(setup.shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_every = config.eval.every_steps
+    if eval_every:
+        eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
+        eval_step = jax.jit(
+            make_eval_step(config, setup.graphdef, info, segmenter),
+            out_shardings=parallel.replicated(mesh),
+        )
+    eval_params = "ema" if config.eval.use_ema and "ema" in setup.abstract else "params"
+
+    writer = MetricWriter(workdir, is_main)
+    progress = _progress_bar(config, start, is_main)
+    pending: list[tuple[int, dict]] = []
+    summary: dict[str, Any] = {"preempted": False}
+    timer = (time.perf_counter(), start)
+    try:
+        with checkpoint_lib.PreemptionWatcher() as preemption:
+            for step in range(start + 1, config.total_steps + 1):
+                batch = pipeline.to_global(next(train_iter), mesh)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+
+                last = step == config.total_steps
+                do_eval = bool(eval_every) and (step % eval_every == 0 or last)
+                do_save = step % ckpt_cfg.every_steps == 0 or last
+                preempted = preemption.should_stop(step)
+                if step % config.log_every_steps == 0 or do_eval or do_save or preempted:
+                    logged = _summarise(pending, ckpt.directory)  # raises on NaN: no save
+                    pending.clear()
+                    seconds = time.perf_counter() - timer[0]
+                    logged["train/images_per_sec"] = (step - timer[1]) * config.batch_size / seconds
+                    logged["train/lr"] = float(setup.schedule(step - 1))
+                    progress.set_postfix(
+                        loss=f"{logged['train/loss']:.4f}",
+                        img_s=f"{logged['train/images_per_sec']:.1f}",
+                    )
+                    progress.update(step - progress.n)
+                    eval_metrics = None
+                    if do_eval:
+                        eval_metrics = evaluate(
+                            eval_step, state[eval_params], state["rest"], eval_source, config,
+                            mesh, config.eval.variants,
+                        )  # fmt: skip
+                        logged.update(eval_metrics)
+                    writer.write(step, logged)
+                    summary.update(logged, step=step)
+                    if do_save or preempted:
+                        ckpt.save(step, state, train_iter, metrics=eval_metrics)
+                    timer = (time.perf_counter(), step)  # img/s leaves out eval and saving
+                if preempted:
+                    ckpt.wait()
+                    summary["preempted"] = True
+                    message = f"preempted: saved step {step} in {ckpt.directory}; rerun to resume"
+                    logging.warning(message)
+                    print(message, flush=True)
+                    break
+    finally:
+        progress.close()
+        writer.close()
+        ckpt.close()
+    summary.setdefault("step", start)
+    return summary
+
+
+def _progress_bar(config, start: int, enabled: bool):
+    import tqdm
+
+    return tqdm.tqdm(
+        total=config.total_steps,
+        initial=start,
+        disable=not (enabled and config.progress_bar),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained model (evaluation, demos)
+
+
+def restore_model(
+    workdir: str,
+    step: int | str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    use_ema: bool | None = None,
+) -> tuple[nnx.Module, ml_collections.ConfigDict, data_lib.DatasetInfo]:
+    """(model, config, info) from a training workdir, without the optimizer state.
+
+    step: None = the latest checkpoint, "best" = the best by config.checkpoint.best_metric, or
+    an int. mesh: where to place the parameters (default: data-parallel over all devices).
+    use_ema: take the EMA weights (default: config.eval.use_ema when the run kept an EMA).
+    `info` is a `DatasetInfo` with the classes and normalisation the model was trained with
+    (labels empty): normalise inputs with `pipeline.normalize(images, info.mean, info.std)`.
+    """
+    workdir = epath.Path(workdir)
+    for name in ("config.json", "dataset_info.json"):
+        if not (workdir / name).exists():
+            raise FileNotFoundError(f"{workdir / name} not found: is {workdir} a training workdir?")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    meta = json.loads((workdir / "dataset_info.json").read_text())
+    info = data_lib.DatasetInfo(
+        name=meta["name"],
+        split="train",
+        class_names=tuple(meta["class_names"]),
+        labels=np.zeros((0,), np.int32),
+        habitat_names=None if meta["habitat_names"] is None else tuple(meta["habitat_names"]),
+        image_size=meta["image_size"],
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+    )
+    mesh = mesh or parallel.make_mesh([("data", -1)])
+    setup = make_setup(config, info, mesh)
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir / "checkpoints",
+        best_metric=config.checkpoint.best_metric,
+        best_mode=config.checkpoint.best_mode,
+        keep=max(config.checkpoint.keep, 1),
+    )
+    try:
+        chosen = ckpt.best_step() if step == "best" else step
+        chosen = ckpt.latest_step() if chosen is None else chosen
+        if chosen is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+        if use_ema is None:
+            use_ema = bool(config.eval.get("use_ema", False))
+        weights = "ema" if use_ema and "ema" in setup.abstract else "params"
+        names = (weights, "rest")
+        restored = ckpt.restore_partial(chosen, {k: setup.abstract[k] for k in names})
+    finally:
+        ckpt.close()
+    model = nnx.merge(setup.graphdef, restored[weights], restored["rest"])
+    logging.info("restored %s (%s) from %s step %s", config.model.name, weights, workdir, chosen)
+    return model, config, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """ValueError naming the first `--config.<key>` whose key the config does not have."""
+    for arg in argv:
+        prefix = next((p for p in ("--config.", "--noconfig.") if arg.startswith(p)), None)
+        if prefix is None:
+            continue
+        path = arg[len(prefix) :].split("=", 1)[0]
+        node: Any = config
+        for i, part in enumerate(path.split(".")):
+            where = "config" + "".join(f".{p}" for p in path.split(".")[:i])
+            if node is None:
+                raise ValueError(
+                    f"unknown config key '{path}' ({arg}): {where} is None in the config file; "
+                    "give it a value there first"
+                )
+            if not isinstance(node, ml_collections.ConfigDict):
+                break  # an index into a list/tuple: config_flags checks it
+            if part not in node:
+                raise ValueError(
+                    f"unknown config key '{path}' ({arg}): {where} has no key '{part}'; "
+                    f"its keys are: {', '.join(sorted(node.keys()))}"
+                )
+            node = node[part]
+
+
+def flags_parser(argv: Sequence[str]) -> list[str]:
+    """absl's parser, after checking the config file loads and every override key exists, so
+    mistakes get one clear line instead of a traceback from inside config_flags."""
+    try:
+        spec = _config_spec(argv)
+        if spec is not None:
+            check_override_keys(config_utils.load_config(spec), argv)
+        return flags.FLAGS(list(argv))
+    except (flags.Error, ValueError, FileNotFoundError) as error:
+        print(f"bgjax train: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    try:
+        config = _CONFIG.value
+    except OSError as error:  # config_flags defers a bad file's error: show its cause
+        raise app.UsageError(f"--config could not be loaded: {error.__cause__ or error}") from None
+    if config is None:
+        raise app.UsageError("--config is required")
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    summary = train(config, _WORKDIR.value)
+    if summary["preempted"]:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=flags_parser)

@@ -1,0 +1,74 @@
+"""The built-in synthetic dataset (shapes on habitat textures), sized for a 2-core CPU.
+
+    bgjax train --config configs/synthetic.py --workdir runs/syn
+    bgjax train --config configs/synthetic.py:arch=vit,strategy=late,size=tiny --workdir runs/t
+
+arch:      convnext | vit
+strategy:  none (baseline) | early | late (masking with ground-truth masks) | mixed_rand
+           (train on the Mixed-Rand variant) | attn (ViT: background patches masked in attention)
+size:      tiny (tests: 32 px, a few steps) | small (default: 64 px, a few hundred steps) | base
+frozen:    train only the head (+ the last stage/block with late masking)
+"""
+
+from bgjax import config_utils
+
+# Model widths per size. ConvNeXt keeps a 4x4 patchify stem (cheap at 64 px); ViT uses 8 px
+# patches. Widths are multiples of 4 so FSDP over up to 4 devices actually shards them.
+_CONVNEXT = {
+    "small": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256)),
+    "base": dict(),  # convnext_atto as in timm
+}
+_VIT = {
+    "small": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4),
+    "base": dict(patch_size=8, embed_dim=192, depth=8, num_heads=3),
+}
+# (image size, classes, batch, steps, eval/checkpoint period, examples per class in train)
+_RUN = {
+    "small": (64, 9, 64, 400, 100, 1000),
+    "base": (64, 9, 64, 1500, 250, 1000),
+}
+STRATEGIES = ("none", "early", "late", "mixed_rand", "attn")
+
+
+def get_config(arg=None):
+    arg = config_utils.parse_arg(arg, arch="convnext", strategy="none", size="small", frozen=False)
+    config_utils.choice("arch", arg.arch, ("convnext", "vit"))
+    config_utils.choice("strategy", arg.strategy, STRATEGIES)
+    config_utils.choice("size", arg.size, ("tiny", *_RUN))
+    if arg.strategy == "attn" and arg.arch != "vit":
+        raise ValueError("strategy=attn (attention masking) needs arch=vit")
+
+    c = config_utils.base_config()
+    c.data.name = "synthetic"
+    c.data.bg_correlation = 0.9
+    c.train_variant = "mixed_rand" if arg.strategy == "mixed_rand" else "original"
+    c.model.masking = arg.strategy if arg.strategy in ("early", "late", "attn") else "none"
+    c.model.frozen_backbone = arg.frozen
+    c.optimizer.lr = 2e-3 if arg.arch == "convnext" else 1e-3
+
+    if arg.size == "tiny":
+        config_utils.set_tiny(c, arg.arch)
+        c.data.num_classes, c.data.train_size, c.data.val_size = 4, 64, 32
+        return c
+
+    image_size, classes, batch, steps, period, per_class = _RUN[arg.size]
+    c.data.image_size = image_size
+    c.data.num_classes = classes
+    c.data.train_size = per_class * classes
+    c.data.val_size = per_class // 5 * classes
+    c.augment = dict(flip=True)
+    if arg.arch == "convnext":
+        c.model.name = "convnext_atto"
+        c.model.update(_CONVNEXT[arg.size])
+    else:
+        c.model.name = "vit_tiny_patch16_224"  # re-sized below; the name picks the family
+        c.model.img_size = image_size
+        c.model.update(_VIT[arg.size])
+    c.batch_size = batch
+    c.total_steps = steps
+    c.optimizer.warmup_steps = steps // 10
+    c.checkpoint.every_steps = period
+    c.eval.every_steps = period
+    c.eval.batch_size = 2 * batch
+    c.eval.variants = ("original", "mixed_rand")
+    return c
