@@ -57,7 +57,8 @@ def _check_parity(torch_model, ours, x):
     """Logits and every intermediate feature map of `ours` equal timm's (fp32)."""
     import torch
 
-    logits, inter = jax.tree.map(np.asarray, _run(ours, jnp.asarray(x)))
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+        logits, inter = jax.tree.map(np.asarray, _run(ours, jnp.asarray(x)))
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
     with torch.no_grad():
         ref_logits = torch_model(xt).numpy()

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 
 from bgjax import variants
 from bgjax.data import cub, get_source, in9, in9l, tfds_builders, waterbirds
-from bgjax.data.imagefiles import CorruptImageError
+from bgjax.data.imagefiles import CorruptImageError, encode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,64 @@ def test_waterbirds_generated_round_trip(birds, tmp_path):
         species.info.labels,
         get_source(ConfigDict(dict(folder, label="species")), "test").info.labels,
     )
+
+
+class CaltechBirds2011(tfds_builders.LocalBuilder, skip_registration=True):
+    """The features of TFDS's caltech_birds2011 (bbox as BBoxFeature), from a fake CUB."""
+
+    VERSION = tfds.core.Version("0.2.0")
+    cub_root: Path
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(),
+                "image/filename": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(num_classes=200),
+                "label_name": tfds.features.Text(),
+                "bbox": tfds.features.BBoxFeature(),
+                "segmentation_mask": tfds.features.Image(shape=(None, None, 1)),
+            }
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(cub.CubSource(self.cub_root, "test"))}
+
+    def _generate_examples(self, source):
+        for i in range(len(source)):
+            image, segmentation = source.load(i)
+            (height, width), (x0, y0, x1, y1) = image.shape[:2], source[i]["bbox"]
+            box = tfds.features.BBox(y0 / height, x0 / width, y1 / height, x1 / width)
+            yield (
+                i,
+                {
+                    "image": source.image_file(i).read_bytes(),
+                    "image/filename": source.image_file(i).name,
+                    "label": int(source.info.labels[i]),
+                    "label_name": source.info.class_names[source.info.labels[i]],
+                    "bbox": box,
+                    "segmentation_mask": encode(segmentation),
+                },
+            )
+
+
+def test_reads_tfds_caltech_birds2011_features(birds, tmp_path):
+    CaltechBirds2011.cub_root = birds["cub"]
+    CaltechBirds2011(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = ConfigDict(dict(name="cub", source="tfds", data_dir=str(tmp_path)))
+    stored = get_source(config, "test")
+    assert stored.info.num_classes == 200
+    folder = cub.CubSource(birds["cub"], "test")
+    by_name = {folder.image_file(i).name: i for i in range(len(folder))}
+    records = stored._open("test")  # TFDS shuffled them: match by file name
+    order = [by_name[records[i]["image/filename"].decode()] for i in range(len(stored))]
+    np.testing.assert_array_equal(stored.info.labels, folder.info.labels[order])
+    for i, j in enumerate(order):
+        x, y = stored[i], folder[j]
+        for key in ("image", "mask", "label", "habitat"):
+            np.testing.assert_array_equal(x[key], y[key])
+        assert np.abs(x["bbox"] - y["bbox"]).max() <= 1  # normalised floats -> pixels
 
 
 def test_corrupt_image_fails_prepare_or_is_skipped_and_counted(tmp_path):

@@ -95,13 +95,13 @@ def test_segmenter_gives_one_logit_per_input_pixel(encoder, overrides):
 def test_encoder_keeps_timm_names_and_loads_a_timm_state_dict(convnext_segmenter):
     paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(convnext_segmenter))}
     assert "encoder.stem.0.kernel" in paths and "encoder.stages.1.downsample.1.kernel" in paths
+    assert not any(p.startswith("encoder.head") for p in paths)  # headless
     donor = models.create("convnext_atto", 5, rngs=nnx.Rngs(7), **ENCODER_ARCH)
     weights = timm_io.to_timm_state_dict(donor)
+    assert "head.fc.weight" in weights
     model = seg.create("convnext_atto", rngs=nnx.Rngs(0), **TINY_CONVNEXT)
-    timm_io.load_timm_state_dict(model.encoder, weights, skip=timm_io.HEAD_KEYS)
-    np.testing.assert_array_equal(
-        model.encoder.stem[0].kernel[...], donor.stem[0].kernel[...]
-    )
+    seg.load_timm_encoder(model, weights)
+    np.testing.assert_array_equal(model.encoder.stem[0].kernel[...], donor.stem[0].kernel[...])
     # A prebuilt encoder (e.g. from models.from_timm) is used as is.
     wrapped = seg.Segmenter(donor, rngs=nnx.Rngs(0), decoder_dim=8, refine_dim=4)
     assert wrapped.encoder is donor

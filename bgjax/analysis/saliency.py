@@ -4,7 +4,9 @@ falls on the foreground ("Noise or Signal": Mixed-Rand training moves saliency o
     input gradient  |d logit_y / d x| summed over colour channels, at input resolution
     Grad-CAM        ReLU(sum_c w_c A_c), w_c = spatial mean of d logit_y / d A_c, on the last
                     feature grid (ConvNeXt: the last stage's map; ViT: the last block's patch
-                    tokens as a grid), bilinearly upsampled to the input
+                    tokens as a grid; `cam_layer` picks an earlier stage / block, whose finer
+                    grid suits small images: ConvNeXt's last map of a 32 px image is 1x1),
+                    bilinearly upsampled to the input
     fg fraction     sum(saliency * mask) / sum(saliency) per image, averaged over the set
 
 Gradients are taken w.r.t. the *normalised* input, through the model's own masking: with early
@@ -12,8 +14,8 @@ masking the background never reaches the network, so its input gradient is exact
 fraction exactly 1.
 
 Grad-CAM needs the gradient w.r.t. an intermediate feature map. Rather than re-implement the
-models' forward passes, a `_Tap` module is put in place of the last ConvNeXt stage / last ViT
-block inside the traced function: it adds a zero `delta` to that layer's output (ConvNeXt) or
+models' forward passes, a `_Tap` module is put in place of that ConvNeXt stage / ViT block
+inside the traced function: it adds a zero `delta` to that layer's output (ConvNeXt) or
 input (ViT) and records it, so d score / d delta is the gradient w.r.t. those features. For a
 ViT the tap sits at the last block's INPUT (pytorch-grad-cam's `blocks[-1].norm1` choice): with
 CLS pooling the patch tokens of the last block's output never reach the head, so their gradient
@@ -102,15 +104,16 @@ def _without_remat(model) -> None:
             node.remat = False
 
 
-def grad_cam(graphdef, state, x, mask, labels, apply_fn: ApplyFn):
-    """(B, h, w) Grad-CAM of the model `nnx.merge(graphdef, state)` at its `_cam_layer`."""
+def grad_cam(graphdef, state, x, mask, labels, apply_fn: ApplyFn, layer: int = -1):
+    """(B, h, w) Grad-CAM of the model `nnx.merge(graphdef, state)` at ConvNeXt stage / ViT
+    block `layer` (default the last; an earlier one gives a finer grid on small images)."""
 
     def forward(delta):
         model = nnx.merge(graphdef, state)
         _without_remat(model)
         layers, where, _ = _cam_layer(model)
-        tap = _Tap(layers[-1], delta, where)
-        layers[-1] = tap
+        tap = _Tap(layers[layer], delta, where)
+        layers[layer] = tap
         return _label_score(apply_fn(model, x, mask), labels), tap.seen.get_value()
 
     shape = jax.eval_shape(lambda: forward(jnp.zeros((), jnp.float32))[1])
@@ -152,6 +155,7 @@ def saliency_maps(
     std: Sequence[float],
     batch_size: int = 64,
     apply_fn: ApplyFn = eval_lib.apply_model,
+    cam_layer: int = -1,
 ) -> dict[str, np.ndarray]:
     """{method: float32 [N, H, W]} for uint8 images, sharded over the mesh in batches."""
     graphdef, state = nnx.split(model)
@@ -160,7 +164,7 @@ def saliency_maps(
     def maps(state, images, masks, labels):
         model = nnx.merge(graphdef, state)
         x = pipeline.normalize(images, mean, std)
-        cam = grad_cam(graphdef, state, x, masks, labels, apply_fn)
+        cam = grad_cam(graphdef, state, x, masks, labels, apply_fn, cam_layer)
         return {
             "input_gradient": input_gradient(apply_fn, model, x, masks, labels),
             "grad_cam": upsample(cam, x.shape[1:3]),
@@ -231,6 +235,7 @@ def run(
     overrides: Mapping[str, Any] | None = None,
     out_dir: str | os.PathLike | None = None,
     figure_rows: int = 8,
+    cam_layer: int = -1,
 ) -> dict[str, Any]:
     """Saliency of a workdir's checkpoint on the first `n` images of `variant`; writes
     saliency.json/.md and saliency.png (overlays) to `out_dir` (default eval/step_<N>)."""
@@ -249,8 +254,9 @@ def run(
     maps = saliency_maps(
         restored.model, rows["image"], rows["mask"], rows["label"], mesh=restored.mesh,
         mean=restored.mean, std=restored.std, batch_size=batch_size or config.eval.batch_size,
+        cam_layer=cam_layer,
     )  # fmt: skip
-    report = dict(restored.metadata(), split=split, variant=variant)
+    report = dict(restored.metadata(), split=split, variant=variant, cam_layer=cam_layer)
     report.update(summarize(maps, rows["mask"]))
     out_dir = os.fspath(out_dir or restored.out_dir())
     if parallel.is_main_process():
@@ -276,6 +282,9 @@ _VARIANT = clflags.string("variant", "original", "Variant the saliency is measur
 _SPLIT = clflags.string("split", None, "Split (default: test; in9: val).")
 _BATCH_SIZE = clflags.integer("batch_size", None, "Images per batch.")
 _OUT = clflags.string("out", None, "Output folder (default WORKDIR/eval/step_<N>).")
+_CAM_LAYER = clflags.integer(
+    "cam_layer", -1, "Grad-CAM layer: ConvNeXt stage / ViT block index (-1: the last)."
+)
 eval_lib.define_override_flags(sys.argv)
 
 
@@ -288,6 +297,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         report = run(
             _WORKDIR.value, _STEP.value, n=_N.value, variant=_VARIANT.value, split=_SPLIT.value,
+            cam_layer=_CAM_LAYER.value,
             batch_size=_BATCH_SIZE.value, overrides=eval_lib.override_flag_values(),
             out_dir=_OUT.value,
         )  # fmt: skip

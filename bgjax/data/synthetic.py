@@ -251,20 +251,9 @@ def _hsv_to_rgb(h, s, v):
     return np.asarray(v)[..., None] * (1 - np.asarray(s)[..., None] * ramp)
 
 
-def render(label: int, habitat: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One example: shape `label` over texture `habitat`; every other attribute comes from `rng`."""
-    x, y = _pixel_grid(size)
-
-    # Background: a texture of the habitat's family in two random low-saturation colours of
-    # clearly different brightness.
-    period = rng.uniform(_MIN_PERIOD, _MAX_PERIOD)
-    t = _HABITAT_FNS[habitat](x, y, rng, period)
-    values = rng.uniform(0.25, 0.55) + np.array([0.0, rng.uniform(*_BG_CONTRAST)])
-    bg_colors = _hsv_to_rgb(rng.uniform(size=2), rng.uniform(0.0, 0.45, size=2), values)
-    background = bg_colors[0] + t[..., None] * (bg_colors[1] - bg_colors[0])
-
-    # Object: shape `label` scaled to a random diameter, rotated, placed anywhere its enclosing
-    # disc fits with a margin; a saturated colour with a random linear shading.
+def _draw_object(label, x, y, rng):
+    """Shape `label` scaled to a random diameter, rotated, placed anywhere its enclosing disc fits
+    with a margin; one saturated colour with a random linear shading. -> (mask, rgb)."""
     radius = 0.5 * rng.uniform(_MIN_DIAMETER, _MAX_DIAMETER)
     cx, cy = rng.uniform(radius + _MIN_MARGIN, 1 - radius - _MIN_MARGIN, size=2)
     u, v = _rotated(x - cx, y - cy, rng.uniform(0, 2 * np.pi))
@@ -272,9 +261,30 @@ def render(label: int, habitat: int, size: int, rng: np.random.Generator) -> dic
     mask = _SHAPE_FNS[label](u, v)
     color = _hsv_to_rgb(rng.uniform(), rng.uniform(0.55, 1.0), rng.uniform(0.65, 1.0))
     su, sv = _rotated(0.3, 0.0, rng.uniform(0, 2 * np.pi))
-    shade = 0.8 + su * u + sv * v
+    return mask, (0.8 + su * u + sv * v)[..., None] * color
 
-    image = np.where(mask[..., None], shade[..., None] * color, background)
+
+def _draw_background(habitat, x, y, rng):
+    """A texture of family `habitat` in two random low-saturation colours whose brightness differs
+    by `_BG_CONTRAST`: faint enough that the shape can compete with it. -> rgb."""
+    t = _HABITAT_FNS[habitat](x, y, rng, rng.uniform(_MIN_PERIOD, _MAX_PERIOD))
+    # Which colour is the brighter one is random: no family is brighter on average.
+    contrast = rng.uniform(*_BG_CONTRAST) * rng.choice((-1.0, 1.0))
+    values = rng.uniform(0.3, 0.6) + np.array([0.0, contrast])
+    colors = _hsv_to_rgb(rng.uniform(size=2), rng.uniform(0.0, 0.45, size=2), values)
+    return colors[0] + t[..., None] * (colors[1] - colors[0])
+
+
+def render(label: int, habitat: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One example: shape `label` over texture `habitat`; every other attribute comes from `rng`.
+
+    The object's draws come first and their number does not depend on the label, so the same
+    generator state with another habitat changes only the background, and with another label only
+    the object."""
+    x, y = _pixel_grid(size)
+    mask, foreground = _draw_object(label, x, y, rng)
+    background = _draw_background(habitat, x, y, rng)
+    image = np.where(mask[..., None], foreground, background)
     image = (np.clip(image, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     bbox = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], dtype=np.int32)

@@ -107,7 +107,18 @@ def _features(class_names, **extra) -> tfds.features.FeaturesDict:
     )
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of builders defined outside the TFDS package (ours, and tests' fakes)."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # TFDS 4.9.10 derives this through the `importlib_resources` backport, which it only
+        # installs on Python < 3.9 (ModuleNotFoundError on download_and_prepare otherwise).
+        return epath.Path(__file__)
+
+
+class _Builder(LocalBuilder, skip_registration=True):
     """Runs a folder reader per split and writes its examples (see the module docstring).
 
     Subclasses define `make_sources()` -> {tfds split: source}, `class_names()`,
@@ -117,13 +128,6 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Written by `bgjax prepare`."}
     extras: Callable | None = None
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS 4.9.10 derives this through the `importlib_resources` backport, which it only
-        # installs on Python < 3.9 (ModuleNotFoundError on download_and_prepare otherwise).
-        return epath.Path(__file__)
 
     def __init__(
         self,

@@ -61,14 +61,17 @@ def load(ckpt_dir: str | os.PathLike, **overrides) -> tuple[nnx.Module, dict]:
         raise FileNotFoundError(f"not a bgjax checkpoint dir (no {MODEL_JSON}): {ckpt_dir}")
     with open(meta_path) as f:
         meta = json.load(f)
-    model = timm_io.create_for_loading(
-        meta["arch"], meta["num_classes"], init_params=False, **overrides
-    )
-    state = nnx.state(model, nnx.Param)
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.join(ckpt_dir, PARAMS_DIR), nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+
+    def restore(model):
+        state = nnx.state(model, nnx.Param)
+        with ocp.StandardCheckpointer() as checkpointer:
+            values = checkpointer.restore(
+                os.path.join(ckpt_dir, PARAMS_DIR), nnx.to_pure_dict(state)
+            )
+        nnx.replace_by_pure_dict(state, values)
+        nnx.update(model, state)
+
+    model = timm_io.create_loaded(meta["arch"], meta["num_classes"], restore, **overrides)
     return model, meta
 
 

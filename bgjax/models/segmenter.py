@@ -15,8 +15,8 @@ under a light decoder:
 `model(x, mask=None, *, train=False)` -> (B, H, W) float32 foreground logits for normalised NHWC
 `x`; `mask` is accepted (and ignored) so the segmenter fits the classifiers' call signature.
 
-Parameters: `encoder.*` are timm's names (so `timm_io` loads the encoder of a timm checkpoint
-into `model.encoder`), `decoder.*` are ours.
+Parameters: `encoder.*` are timm's names (`load_timm_encoder` loads a timm checkpoint of the
+encoder's architecture into `model.encoder`; the encoder is headless), `decoder.*` are ours.
 
 Also here, as pure jnp functions with `valid` weighting of the rows of a batch (padding rows of
 the last eval batch count for nothing): the training loss (per-pixel BCE + optional soft dice)
@@ -26,7 +26,7 @@ dataset as confusion counts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from bgjax import models
+from bgjax.models import timm_io
 from bgjax.models.convnext import ConvNeXt
 from bgjax.models.vit import VisionTransformer
 
@@ -145,6 +146,10 @@ class Segmenter(nnx.Module):
                 f"overrides {sorted(encoder_overrides)} apply to an encoder built by name, not "
                 "to a given module"
             )
+        # Headless: the decoder reads feature maps. (A ConvNeXt built with num_classes=0 still
+        # has a zero-size classifier, which Orbax refuses to save.)
+        if getattr(encoder, "head", None) is not None:
+            encoder.head = None
         self.encoder = encoder
         in_chans = getattr(encoder, "in_chans", 3)
         self.decoder = Decoder(
@@ -163,6 +168,15 @@ class Segmenter(nnx.Module):
     def frozen_backbone_filter(self):
         """Parameters trained in frozen-backbone mode: the decoder."""
         return nnx.All(nnx.Param, nnx.PathContains("decoder"))
+
+
+def load_timm_encoder(model: Segmenter, state_dict) -> None:
+    """Load a timm checkpoint (state dict or path) of the encoder's architecture into
+    `model.encoder` in place; its classifier head (`head.*`) is not used."""
+    if not isinstance(state_dict, Mapping):
+        state_dict = timm_io.read_weights(state_dict)
+    weights = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    timm_io.load_timm_state_dict(model.encoder, weights)
 
 
 def create(encoder: str, *, rngs: nnx.Rngs | None = None, **overrides) -> Segmenter:
@@ -256,4 +270,3 @@ def iou_metrics(counts) -> dict[str, float]:
         miou=(fg + bg) / 2,
         pixel_accuracy=(tp + tn) / total if total > 0 else 1.0,
     )
-

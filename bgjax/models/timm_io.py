@@ -138,34 +138,47 @@ def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
     return None
 
 
-def create_for_loading(name: str, num_classes: int, *, init_params: bool = True, **overrides):
-    """Model `name` about to receive loaded weights.
+def create_loaded(name: str, num_classes: int, load, **overrides) -> nnx.Module:
+    """Model `name` whose values come from `load(model)`; the rest gets its usual initial values.
 
-    With `init_params=False` its parameters stay abstract (shape and dtype only) whenever nothing
-    else in it needs a value (no dropout RNG state): running the initialisers would cost one
-    compile per parameter shape, only for the values to be overwritten. The caller must then set
-    every parameter.
+    The model starts abstract (shapes only), `load` sets what it has (usually every parameter),
+    and whatever is still abstract (a new head, dropout RNG state) is initialised in one jitted
+    call from which XLA drops every other initialiser: running all of them eagerly would cost one
+    compile per parameter shape, only for the values to be overwritten.
     """
     from bgjax import models
 
     make = lambda: models.create(name, num_classes=num_classes, **overrides)
-    if not init_params:
-        abstract = nnx.eval_shape(make)
-        if not jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Param))):
-            return abstract
-    return make()
+    model = nnx.eval_shape(make)
+    load(model)
+    todo = [
+        (path, var)
+        for path, var in nnx.to_flat_state(nnx.state(model))
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if todo:
+
+        @jax.jit
+        def initial_values():
+            flat = dict(nnx.to_flat_state(nnx.state(make())))
+            return [flat[path].get_value() for path, _ in todo]
+
+        for (_, var), value in zip(todo, initial_values()):
+            var.set_value(value)
+    return model
 
 
 def from_timm(name: str, state_dict, num_classes: int | None = None, **overrides):
     """Build model `name` and load a timm state dict (path or mapping) into it.
 
-    With `num_classes` different from the checkpoint's head, the head is freshly initialised.
+    With `num_classes` different from the checkpoint's head, or a checkpoint without a head,
+    the head is freshly initialised.
     """
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = read_weights(state_dict)
     ckpt_classes = _head_classes(state_dict)
     n = num_classes if num_classes is not None else (ckpt_classes or 1000)
-    skip = HEAD_KEYS if ckpt_classes is not None and ckpt_classes != n else ()
-    model = create_for_loading(name, n, init_params=bool(skip), **overrides)
-    load_timm_state_dict(model, state_dict, skip=skip)
-    return model
+    # A checkpoint without a classifier (or with another class count) gets a fresh head.
+    skip = HEAD_KEYS if ckpt_classes != n else ()
+    load = lambda model: load_timm_state_dict(model, state_dict, skip=skip)
+    return create_loaded(name, n, load, **overrides)
