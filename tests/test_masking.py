@@ -14,19 +14,22 @@ STD = (0.229, 0.224, 0.225)
     [((64, 64), (16, 16)), ((64, 48), (7, 5)), ((224, 224), (7, 7)), ((37, 50), (5, 14)),
      ((10, 10), (20, 15)), ((518, 518), (37, 37)), ((8, 8), (8, 8))],
 )  # fmt: skip
-def test_resize_mask_nearest_matches_torch(in_hw, out_hw):
+@pytest.mark.parametrize("mode", ["nearest-exact", "nearest"])
+def test_resize_mask_nearest_matches_torch(in_hw, out_hw, mode):
     torch = pytest.importorskip("torch")
     mask = (np.random.default_rng(0).random((2, *in_hw)) > 0.5).astype(np.float32)
-    ours = np.asarray(masking.resize_mask_nearest(mask, out_hw))
-    ref = torch.nn.functional.interpolate(torch.from_numpy(mask)[:, None], out_hw, mode="nearest")
+    ours = np.asarray(masking.resize_mask_nearest(mask, out_hw, mode))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(mask)[:, None], out_hw, mode=mode)
     np.testing.assert_array_equal(ours, ref[:, 0].numpy())
 
 
-def test_resize_mask_nearest_integer_ratio_takes_top_left_pixel():
+def test_resize_mask_nearest_integer_ratio_takes_centre_or_top_left_pixel():
     mask = np.random.default_rng(1).integers(0, 2, (1, 12, 8)).astype(np.uint8)
     out = np.asarray(masking.resize_mask_nearest(mask, (3, 2)))
-    np.testing.assert_array_equal(out, mask[:, ::4, ::4])
+    np.testing.assert_array_equal(out, mask[:, 2::4, 2::4])
     assert out.dtype == np.uint8
+    legacy = np.asarray(masking.resize_mask_nearest(mask, (3, 2), "nearest"))
+    np.testing.assert_array_equal(legacy, mask[:, ::4, ::4])
 
 
 def test_early_fill_value():

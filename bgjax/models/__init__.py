@@ -26,7 +26,7 @@ def names() -> tuple[str, ...]:
 
 
 def create(name: str, num_classes: int = 1000, *, rngs: nnx.Rngs | None = None, **overrides):
-    """Build model `name`. `overrides` are the family's constructor arguments (masking, dtype, ...)."""
+    """Build model `name`; `overrides` are the family constructor arguments (masking, dtype...)."""
     registry = _registry()
     if name not in registry:
         close = [n for n in registry if n.split("_")[0] == name.split("_")[0]] or list(registry)

@@ -1,9 +1,11 @@
 """Early and late masking, shared by every model family (Aniraj et al. 2023; REFERENCE.md §2).
 
 Early masking replaces background pixels before the network sees them; late masking multiplies a
-feature map (or patch-token grid) by the foreground mask, downsampled nearest-neighbour the way
-PyTorch's `F.interpolate(mode="nearest")` does, so features and gradients of background
-positions are exactly zero from there on.
+feature map (or patch-token grid) by the foreground mask, downsampled nearest-neighbour, so
+features and gradients of background positions are exactly zero from there on. The downsampling
+rule is PyTorch's `nearest-exact` (each cell reads its centre pixel), as in the paper's released
+code, for ConvNeXt feature maps and ViT token grids alike; torch's legacy `nearest` (top-left
+pixel, half a cell off) is available for comparison.
 
 Images here are already normalised NHWC; masks are (B, H, W) foreground in input pixels (0/1,
 any dtype).
@@ -68,22 +70,29 @@ def early_mask(x, mask, fill):
     return x * m + jnp.asarray(fill, x.dtype) * (1 - m)
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of each output position, by torch's `nearest` rule.
+NEAREST_MODES = ("nearest-exact", "nearest")
 
-    torch computes `min(floor(dst * (in / out)), in - 1)` in float32; we do the same in NumPy
-    so odd ratios pick the very same pixels.
+
+def nearest_indices(in_size: int, out_size: int, mode: str = "nearest-exact") -> np.ndarray:
+    """Source index of each output position, by torch's `nearest-exact` or `nearest` rule.
+
+    torch computes `min(floor((dst + offset) * (in / out)), in - 1)` in float32 with offset 0.5
+    (`nearest-exact`) or 0 (`nearest`); we do the same in NumPy so odd ratios pick the very
+    same pixels.
     """
+    if mode not in NEAREST_MODES:
+        raise ValueError(f"unknown nearest mode {mode!r}; expected one of {NEAREST_MODES}")
+    offset = np.float32(0.5 if mode == "nearest-exact" else 0.0)
     scale = np.float32(in_size) / np.float32(out_size)
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    idx = np.floor((np.arange(out_size, dtype=np.float32) + offset) * scale).astype(np.int64)
     return np.minimum(idx, in_size - 1)
 
 
-def resize_mask_nearest(mask, size: tuple[int, int]):
-    """Nearest resize of (B, H, W) `mask` to (B, h, w), like `F.interpolate(mode="nearest")`."""
+def resize_mask_nearest(mask, size: tuple[int, int], mode: str = "nearest-exact"):
+    """Nearest resize of (B, H, W) `mask` to (B, h, w), like `F.interpolate(mode=mode)`."""
     h, w = size
-    rows = nearest_indices(mask.shape[1], h)
-    cols = nearest_indices(mask.shape[2], w)
+    rows = nearest_indices(mask.shape[1], h, mode)
+    cols = nearest_indices(mask.shape[2], w, mode)
     return jnp.asarray(mask)[:, rows][:, :, cols]
 
 

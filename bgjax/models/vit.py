@@ -18,10 +18,9 @@ Masking strategies (`masking=`):
            invariant to background pixels.
 Prefix tokens (CLS and registers) are never masked and always attendable.
 
-Token-grid rule. torch's `nearest` (what `masking.resize_mask_nearest` reproduces) reads each
-patch's top-left pixel: half a patch off. The paper's released code resizes with
-`nearest-exact`, which for a patch grid is each patch's *centre* pixel; "late" uses that rule
-(close to a majority vote for compact masks, and the paper's own). "attn" needs a rule that
+Token-grid rule. "late" uses `masking.resize_mask_nearest` (torch `nearest-exact`, the paper's
+code), which for a patch grid reads each patch's *centre* pixel — close to a majority vote for
+compact masks, and the same rule as ConvNeXt's late masking. "attn" needs a rule that
 never drops foreground, so there a token is foreground if *any* of its pixels is.
 """
 
@@ -156,7 +155,7 @@ def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "cen
     p = patch_size
     mask = jnp.asarray(mask)[:, : h * p, : w * p].astype(jnp.float32)
     if rule == "centre":
-        return mask[:, p // 2 :: p, p // 2 :: p]
+        return masking_lib.resize_mask_nearest(mask, (h, w))
     if rule == "any":
         return jnp.max(mask.reshape(mask.shape[0], h, p, w, p), axis=(2, 4))
     raise ValueError(f"unknown token-grid rule {rule!r}; expected 'centre' or 'any'")
