@@ -40,10 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dw-impl", default=None, help="ConvNeXt depthwise conv: auto|shifted|grouped")
     p.add_argument("--attn-impl", default=None, help="ViT attention: xla|cudnn (default: JAX's)")
     p.add_argument("--channels-last", action="store_true", help="torch: channels_last layout")
+    p.add_argument("--impls", default="ours,timm", help="which sides to run (profiling one)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error("--steps and --batch must be positive")
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    if not args.impls or set(args.impls) - {"ours", "timm"}:
+        p.error(f"--impls takes ours and/or timm, got {args.impls}")
     return args
 
 
@@ -135,7 +139,11 @@ class Timm:
 def run(args) -> dict:
     threads = common.limit_threads(args.threads)
     batches = common.host_batches(args.batch, args.size, args.classes)
-    impls = [Ours(args, batches), Timm(args, batches, threads)]
+    impls = []
+    if "ours" in args.impls:
+        impls.append(Ours(args, batches))
+    if "timm" in args.impls:
+        impls.append(Timm(args, batches, threads))
     for impl in impls:
         for _ in range(args.warmup):
             impl.step()
@@ -149,12 +157,14 @@ def run(args) -> dict:
         row = dict(impl=impl.name, compile_s=impl.compile_s, loss=impl.loss)
         row.update(timings[impl.name].summary(args.batch, threads))
         rows.append(row)
-    ours, ref = rows
-    ratio = dict(
-        impl="ratio ours/timm",
-        img_s=ours["img_s"] / ref["img_s"],
-        cpu_img_s=ours["cpu_img_s"] / ref["cpu_img_s"],
-    )
+    ratio = None
+    if len(rows) == 2:
+        ours, ref = rows
+        ratio = dict(
+            impl="ratio ours/timm",
+            img_s=ours["img_s"] / ref["img_s"],
+            cpu_img_s=ours["cpu_img_s"] / ref["cpu_img_s"],
+        )
     return dict(
         benchmark="train_vs_timm",
         args=vars(args),
@@ -171,7 +181,8 @@ def report(result: dict) -> str:
         f"### train step vs timm: {a['arch']}, batch {a['batch']}, {a['size']} px, fp32, "
         f"{a['classes']} classes, {result['threads']} threads"
     )
-    table = common.markdown_table([*result["rows"], result["ratio"]], COLUMNS)
+    ratio = [result["ratio"]] if result["ratio"] else []
+    table = common.markdown_table([*result["rows"], *ratio], COLUMNS)
     return f"{title}\n\n{table}\n\n{common.machine_line(result['machine'])}"
 
 

@@ -79,10 +79,13 @@ class Checkpointer:
         best_metric: str | None = None,
         best_mode: str = "max",
         async_save: bool = True,
+        read_only: bool = False,
     ):
+        """read_only: for evaluation next to a live run: nothing is moved, deleted or written;
+        torn steps are only left out of `all_steps`."""
         self.directory = epath.Path(directory).absolute()
-        torn = _quarantine_torn_steps(self.directory)
-        if jax.process_count() > 1:
+        torn = [] if read_only else _quarantine_torn_steps(self.directory)
+        if jax.process_count() > 1 and not read_only:
             multihost_utils.sync_global_devices("bgjax.checkpoint.quarantine")
         for step in torn:
             logging.warning(
@@ -115,15 +118,18 @@ class Checkpointer:
                 best_fn=best_fn,  # for best_step()
                 best_mode=best_mode,
                 enable_async_checkpointing=async_save,
-                create=True,
+                create=not read_only,
+                read_only=read_only,
             ),
         )
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        """Complete steps, ascending (Orbax alone would also list torn ones; see module doc)."""
+        return [s for s in self.manager.all_steps() if is_finalized(self.directory / str(s))]
 
     def best_step(self) -> int | None:
         """The kept step with the best `best_metric` (the latest if no step has the metric)."""

@@ -122,8 +122,11 @@ TINY_MODELS = {
 
 
 def set_tiny(c: ml_collections.ConfigDict, arch: str) -> None:
-    """Shrink a config to a seconds-long smoke run: tiny model, 32 px, batch 8, 6 steps."""
+    """Shrink a config to a seconds-long smoke run: tiny model, 32 px, batch 8, 6 steps, no
+    augmentation, no worker processes."""
     c.model.update(TINY_MODELS[arch])
+    c.augment = None
+    c.data_workers = 0
     c.data.image_size = 32
     c.batch_size = 8
     c.total_steps = 6

@@ -149,3 +149,115 @@ def saliency_overlays(
             cells[name] = (0.45 * image / 255.0 + 0.55 * colour).clip(0, 1)
         rows.append((row_labels[i] if row_labels is not None else str(i), cells))
     return variant_grid(rows, out_path)
+
+
+# Multi-panel figures (demo and sweep summaries): a grid of small axes, one legend on the right
+# shared by all panels, and the same colour for a series in every panel.
+PANEL_IN = (3.2, 2.6)  # inches per panel (width, height)
+LEGEND_IN = 1.7  # right margin for the shared legend
+
+
+def _panel_figure(
+    panels: Mapping[str, Mapping[str, object]],
+    out_path: str | os.PathLike,
+    columns: int,
+    draw,
+    handle,
+) -> str:
+    """Calls `draw(ax, title, series, colours)` per panel, then `handle(colour, name)` per
+    series for the legend, and saves."""
+    if not panels:
+        raise ValueError("a panel figure needs at least one panel")
+    names = list(dict.fromkeys(s for series in panels.values() for s in series))
+    colours = {s: f"C{i % 10}" for i, s in enumerate(names)}
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    with style():
+        fig = Figure(figsize=(PANEL_IN[0] * columns + LEGEND_IN, PANEL_IN[1] * rows))
+        for i, (title, series) in enumerate(panels.items()):
+            draw(fig.add_subplot(rows, columns, i + 1), title, series, colours)
+        fig.legend(handles=[handle(colours[s], s) for s in names], loc="upper right", fontsize=7)
+        fig.tight_layout(rect=(0, 0, 1 - LEGEND_IN / fig.get_figwidth(), 1))
+        return save_figure(fig, out_path)
+
+
+def _line_handle(colour: str, label: str, ls: str = "-"):
+    return matplotlib.lines.Line2D([], [], color=colour, marker="o", ls=ls, label=label)
+
+
+def bar_panels(
+    panels: Mapping[str, Mapping[str, Mapping[str, float | None]]],
+    out_path: str | os.PathLike,
+    *,
+    ylabel: str = "accuracy (%)",
+    columns: int = 2,
+    ylim: tuple[float, float] | None = (0, 100),
+    chance: float | None = None,
+) -> str:
+    """Grouped bars in several panels: {panel title: {series: {group: fraction}}} (None leaves
+    a gap). With `ylim=None` negative values (a BG-gap) stay visible; `chance` draws a line."""
+
+    def draw(ax, title, series, colours):
+        groups = list(dict.fromkeys(k for values in series.values() for k in values))
+        x, width = np.arange(len(groups)), 0.8 / max(1, len(series))
+        for i, (label, values) in enumerate(series.items()):
+            heights = [np.nan if values.get(g) is None else 100 * values[g] for g in groups]
+            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, color=colours[label])
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(x, groups, rotation=30, ha="right")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+
+    handle = lambda colour, label: matplotlib.patches.Patch(color=colour, label=label)
+    return _panel_figure(panels, out_path, columns, draw, handle)
+
+
+def metric_vs_size(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    out_path: str | os.PathLike,
+    *,
+    xlabel: str = "parameters",
+    ylabel: str = "%",
+    columns: int = 4,
+) -> str:
+    """Scaling curves: {panel title: {series: [(x, fraction), ...]}}, x on a log axis. Points
+    of a series at the same x (seeds) are averaged, with min-max error bars."""
+
+    def draw(ax, title, series, colours):
+        for label, points in series.items():
+            xs = sorted({x for x, _ in points})
+            ys = [[100 * y for x2, y in points if x2 == x] for x in xs]
+            mean = np.array([np.mean(v) for v in ys])
+            err = np.array([[m - min(v), max(v) - m] for m, v in zip(mean, ys)]).T
+            ax.errorbar(xs, mean, yerr=err, color=colours[label], marker="o", ms=3, capsize=2)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+
+    return _panel_figure(panels, out_path, columns, draw, _line_handle)
+
+
+def accuracy_scatter(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    out_path: str | os.PathLike,
+    *,
+    xlabel: str,
+    columns: int = 2,
+) -> str:
+    """One point per run: {panel y-label: {series: [(x, y) fractions]}}, e.g. original
+    accuracy against BG-gap ("benchmark progress vs background dependence")."""
+
+    def draw(ax, ylabel, series, colours):
+        for label, points in series.items():
+            xy = 100 * np.asarray(points, np.float64).reshape(-1, 2)
+            ax.scatter(xy[:, 0], xy[:, 1], s=14, color=colours[label])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+
+    handle = lambda colour, label: _line_handle(colour, label, ls="")
+    return _panel_figure(panels, out_path, columns, draw, handle)

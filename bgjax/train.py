@@ -39,7 +39,9 @@ from flax import nnx
 from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags, config_utils, models, optim, parallel
 from bgjax import data as data_lib
+from bgjax import masks as masks_lib
 from bgjax.data import pipeline
+from bgjax.models import segmenter as segmenter_lib
 
 # clflags: idempotent definitions, so `bgjax demo` / tests can import several command modules.
 _CONFIG = clflags.config_file("config", "Training config: configs/<experiment>.py[:k=v,...]")
@@ -74,6 +76,8 @@ def make_model(
         overrides.setdefault("pixel_mean", tuple(pixel_mean))
         overrides.setdefault("pixel_std", tuple(pixel_std))
     rngs = rngs or nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+    if is_segmenter(config):  # the encoder is config.model.name; no classes
+        return segmenter_lib.create(mcfg.name, rngs=rngs, **overrides)
     return models.create(mcfg.name, num_classes, rngs=rngs, **overrides)
 
 
@@ -82,16 +86,71 @@ def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> An
     return model.frozen_backbone_filter() if config.model.frozen_backbone else nnx.Param
 
 
-def load_mask_source(mask_source: str) -> Callable[[jax.Array], jax.Array] | None:
-    """None = ground-truth masks from the batch. Hook for segmenter workdirs (images -> masks)."""
-    if mask_source == "gt":
+def load_mask_source(
+    mask_source: str,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> masks_lib.MaskSource | None:
+    """None for "gt" (the batch's masks), else the segmenter of the workdir `mask_source`
+    (`bgjax.masks.load`: checked against the classifier's image size and normalisation)."""
+    if mask_source == masks_lib.GT:
         return None
-    raise ValueError(f"config.mask_source={mask_source!r}: only 'gt' is supported")
+    if image_size is None or mean is None or std is None:
+        raise ValueError(f"mask_source={mask_source!r} needs the image_size/mean/std it serves")
+    return masks_lib.load(mask_source, image_size=image_size, mean=mean, std=std, mesh=mesh)
 
 
-def masks_for_batch(batch: Mapping[str, jax.Array], images: jax.Array, segmenter=None):
-    """The foreground masks the model sees: the batch's own, or the segmenter's prediction."""
-    return batch["mask"] if segmenter is None else segmenter(images)
+def masks_for_batch(batch: Mapping[str, jax.Array], images: jax.Array, source=None, params=None):
+    """The foreground masks the model sees: the batch's own, or the mask source's prediction
+    from classifier-normalised `images` (`params`: the segmenter's, an argument of the jitted
+    step; default: `source.params`)."""
+    if source is None or source.is_gt:
+        return batch["mask"]
+    return source.predict(source.params if params is None else params, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: "classify" (default) or "segment" (the foreground segmenter of configs/segmenter.py,
+# whose workdir then serves as another run's config.mask_source). They differ in the model,
+# the target, the loss and the evaluation counts; everything else is shared.
+
+
+def is_segmenter(config: ml_collections.ConfigDict) -> bool:
+    return config.get("task", "classify") == masks_lib.SEGMENT_TASK
+
+
+def task_loss(config, logits, targets):
+    """Soft-label cross-entropy, or BCE (+ Dice) against the (B, H, W) foreground masks."""
+    if is_segmenter(config):
+        dice = config.loss.get("dice_weight", 0.0)
+        return segmenter_lib.segmentation_loss(logits, targets, dice_weight=dice)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def task_accuracy(config, logits, labels):
+    """Top-1 accuracy, or pixel accuracy of the segmenter."""
+    if is_segmenter(config):
+        return jnp.mean(segmenter_lib.predict_mask(logits) == labels)
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def eval_counts(config, logits, batch) -> dict[str, jax.Array]:
+    """Counts over the valid rows of a batch, summed over the evaluation set."""
+    if is_segmenter(config):
+        pred = segmenter_lib.predict_mask(logits)
+        return segmenter_lib.confusion_counts(pred, batch["mask"], batch["valid"])
+    hits = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
+    return dict(correct=hits.sum(), count=batch["valid"].sum())
+
+
+def eval_metrics(config, totals: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Summed counts -> {accuracy}, or the segmenter's {fg_iou, bg_iou, miou, pixel_accuracy}."""
+    if is_segmenter(config):
+        return segmenter_lib.iou_metrics(totals)
+    return {"accuracy": float(totals["correct"]) / max(1, int(totals["count"]))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,14 +225,18 @@ def make_setup(
 
 
 def load_init_weights(state: dict, setup: Setup, path: str) -> dict:
-    """Params from a timm-format checkpoint; a head of another class count stays as initialised."""
+    """Params from a timm-format checkpoint: a classifier's (a head of another class count stays
+    as initialised) or, for a segmenter, its encoder's."""
     from bgjax.models import timm_io
 
     model = nnx.merge(setup.graphdef, state["params"], state["rest"])
     weights = timm_io.read_weights(path)
-    heads = [np.shape(v)[0] for k, v in weights.items() if k in timm_io.HEAD_KEYS]
-    skip = timm_io.HEAD_KEYS if any(n != model.num_classes for n in heads) else ()
-    timm_io.load_timm_state_dict(model, weights, skip=skip)
+    if isinstance(model, segmenter_lib.Segmenter):  # the weights are the encoder's
+        segmenter_lib.load_timm_encoder(model, weights)
+    else:
+        heads = [np.shape(v)[0] for k, v in weights.items() if k in timm_io.HEAD_KEYS]
+        skip = timm_io.HEAD_KEYS if any(n != model.num_classes for n in heads) else ()
+        timm_io.load_timm_state_dict(model, weights, skip=skip)
     _, params, rest = nnx.split(model, setup.trainable, ...)
     state = dict(state, params=params, rest=rest)
     if "ema" in state:
@@ -236,56 +299,59 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     setup: Setup,
     info: data_lib.DatasetInfo,
-    segmenter=None,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """(state, global batch) -> (state, metrics); pure, to be jitted with the state donated."""
+    mask_source: masks_lib.MaskSource | None = None,
+) -> Callable[[dict, dict, Any], tuple[dict, dict]]:
+    """(state, global batch, mask-source params) -> (state, metrics); pure, to be jitted with
+    the state donated."""
     lcfg, ocfg = config.loss, config.optimizer
     accum = int(ocfg.get("grad_accum", 1))
     ema_decay = float(ocfg.get("ema_decay", 0.0))
     masked = config.model.masking != "none"
+    segment = is_segmenter(config)
     graphdef, trainable = setup.graphdef, setup.trainable
 
     def loss_fn(params, rest, images, masks, targets):
         model = nnx.merge(graphdef, params, rest)
         logits = model(images, mask=masks, train=True).astype(jnp.float32)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
         _, _, rest = nnx.split(model, trainable, ...)  # advanced dropout / drop-path streams
-        return loss, (rest, logits)
+        return task_loss(config, logits, targets), (rest, logits)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
+    def train_step(state: dict, batch: dict, mask_params: Any = None) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = masks_for_batch(batch, images, segmenter) if masked else None
-        targets = soft_targets(batch["label"], info.num_classes, lcfg.label_smoothing)
-        images, masks, targets = mix_batch(
-            key,
-            images,
-            masks,
-            targets,
-            mixup_alpha=lcfg.mixup_alpha,
-            cutmix_alpha=lcfg.cutmix_alpha,
-            switch_prob=lcfg.switch_prob,
-        )
+        masks = masks_for_batch(batch, images, mask_source, mask_params) if masked else None
+        if segment:  # the target is the mask itself: nothing to smooth or mix
+            targets = labels = batch["mask"]
+        else:
+            labels = batch["label"]
+            targets = soft_targets(labels, info.num_classes, lcfg.label_smoothing)
+            images, masks, targets = mix_batch(
+                key,
+                images,
+                masks,
+                targets,
+                mixup_alpha=lcfg.mixup_alpha,
+                cutmix_alpha=lcfg.cutmix_alpha,
+                switch_prob=lcfg.switch_prob,
+            )
         params = state["params"]
 
         def micro_step(carry, xs):
-            grads, rest, loss, correct = carry
+            grads, rest, loss, accuracy = carry
             images, masks, targets, labels = xs
             (micro_loss, (rest, logits)), micro_grads = grad_fn(
                 params, rest, images, masks, targets
             )
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
-            return (grads, rest, loss + micro_loss, correct), None
+            accuracy = accuracy + task_accuracy(config, logits, labels)
+            return (grads, rest, loss + micro_loss, accuracy), None
 
-        xs = jax.tree.map(
-            lambda x: _micro_batches(x, accum), (images, masks, targets, batch["label"])
-        )
+        xs = jax.tree.map(lambda x: _micro_batches(x, accum), (images, masks, targets, labels))
         zeros = jax.tree.map(jnp.zeros_like, params)
-        carry = (zeros, state["rest"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, rest, loss, correct), _ = jax.lax.scan(micro_step, carry, xs)
+        carry = (zeros, state["rest"], jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, rest, loss, accuracy), _ = jax.lax.scan(micro_step, carry, xs)
         grads = jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = setup.tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
@@ -299,7 +365,7 @@ def make_train_step(
             )
         metrics = dict(
             loss=loss / accum,
-            accuracy=correct / batch["label"].shape[0],
+            accuracy=accuracy / accum,
             grad_norm=optax.global_norm(grads),
             param_norm=optax.global_norm(params),
         )
@@ -308,27 +374,31 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef, info, segmenter=None):
-    """(params, rest, batch) -> {correct, count} over the valid rows of a global batch."""
+def make_eval_step(config: ml_collections.ConfigDict, graphdef, info, mask_source=None):
+    """(params, rest, batch, mask-source params) -> summable counts (`eval_counts`)."""
     masked = config.model.masking != "none"
 
-    def eval_step(params, rest, batch):
+    def eval_step(params, rest, batch, mask_params=None):
         model = nnx.merge(graphdef, params, rest)
         images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = masks_for_batch(batch, images, segmenter) if masked else None
-        logits = model(images, mask=masks, train=False)
-        hits = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
-        return dict(correct=hits.sum(), count=batch["valid"].sum())
+        masks = masks_for_batch(batch, images, mask_source, mask_params) if masked else None
+        return eval_counts(config, model(images, mask=masks, train=False), batch)
 
     return eval_step
 
 
 def evaluate(
-    eval_step: Callable, params, rest, source, config, mesh, variants: Sequence[str]
+    eval_step: Callable,
+    params,
+    rest,
+    mask_params,
+    source,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-    """Accuracy of the model on `source` under each IN-9 variant: {eval/<variant>/accuracy}."""
+    """`eval_metrics` on `source` under each of config.eval.variants: {eval/<variant>/<name>}."""
     results = {}
-    for variant in variants:
+    for variant in config.eval.variants:
         ds = pipeline.build(
             source,
             variant=variant,
@@ -340,12 +410,10 @@ def evaluate(
         )
         totals = None
         for batch in ds:
-            counts = eval_step(params, rest, pipeline.to_global(batch, mesh))
+            counts = eval_step(params, rest, pipeline.to_global(batch, mesh), mask_params)
             totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-        totals = parallel.fetch(totals)
-        results[f"eval/{variant}/accuracy"] = float(totals["correct"]) / max(
-            1, int(totals["count"])
-        )
+        for name, value in eval_metrics(config, parallel.fetch(totals)).items():
+            results[f"eval/{variant}/{name}"] = value
     return results
 
 
@@ -416,6 +484,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     for key in ("total_steps", "log_every_steps"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
+    if is_segmenter(config) and (config.loss.mixup_alpha or config.loss.cutmix_alpha):
+        raise ValueError("task='segment' trains on masks: set loss.mixup_alpha/cutmix_alpha to 0")
     if config.checkpoint.every_steps <= 0:
         raise ValueError(
             f"checkpoint.every_steps must be positive: {config.checkpoint.every_steps}"
@@ -486,20 +556,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if config.model.init:
             state = load_init_weights(state, setup, config.model.init)
 
-    segmenter = load_mask_source(config.mask_source)
-    batch_sh = parallel.batch_sharding(mesh)
+    mask_source = load_mask_source(
+        config.mask_source,
+        image_size=config.data.image_size,
+        mean=info.mean,
+        std=info.std,
+        mesh=mesh,
+    )
+    mask_params = None if mask_source is None else mask_source.params
+    mask_sh = jax.tree.map(lambda x: x.sharding, mask_params)
+    repl = parallel.replicated(mesh)
     train_step = jax.jit(
-        make_train_step(config, setup, info, segmenter),
-        in_shardings=(setup.shardings, batch_sh),
-        out_shardings=(setup.shardings, parallel.replicated(mesh)),
+        make_train_step(config, setup, info, mask_source),
+        in_shardings=(setup.shardings, parallel.batch_sharding(mesh), mask_sh),
+        out_shardings=(setup.shardings, repl),
         donate_argnums=0,
     )
     eval_every = config.eval.every_steps
     if eval_every:
         eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
         eval_step = jax.jit(
-            make_eval_step(config, setup.graphdef, info, segmenter),
-            out_shardings=parallel.replicated(mesh),
+            make_eval_step(config, setup.graphdef, info, mask_source), out_shardings=repl
         )
     eval_params = "ema" if config.eval.use_ema and "ema" in setup.abstract else "params"
 
@@ -512,7 +589,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with checkpoint_lib.PreemptionWatcher() as preemption:
             for step in range(start + 1, config.total_steps + 1):
                 batch = pipeline.to_global(next(train_iter), mesh)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, mask_params)
                 pending.append((step, metrics))
 
                 last = step == config.total_steps
@@ -533,8 +610,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     eval_metrics = None
                     if do_eval:
                         eval_metrics = evaluate(
-                            eval_step, state[eval_params], state["rest"], eval_source, config,
-                            mesh, config.eval.variants,
+                            eval_step, state[eval_params], state["rest"], mask_params,
+                            eval_source, config, mesh,
                         )  # fmt: skip
                         logged.update(eval_metrics)
                     writer.write(step, logged)
@@ -610,7 +687,7 @@ def restore_model(
         workdir / "checkpoints",
         best_metric=config.checkpoint.best_metric,
         best_mode=config.checkpoint.best_mode,
-        keep=max(config.checkpoint.keep, 1),
+        read_only=True,
     )
     try:
         chosen = ckpt.best_step() if step == "best" else step

@@ -60,7 +60,6 @@ def get_config(arg=None):
 
     if arg.size == "tiny":
         config_utils.set_tiny(c, arg.arch)
-        c.augment = None
         return c
 
     if arg.arch == "vit":

@@ -54,7 +54,6 @@ def get_config(arg=None):
 
     if arg.size == "tiny":
         config_utils.set_tiny(c, arg.arch)
-        c.augment = None
     else:
         c.model.update(_MODELS[(arg.arch, arg.size)])
         c.batch_size = 256

@@ -59,7 +59,6 @@ def get_config(arg=None):
 
     if arg.size == "tiny":
         config_utils.set_tiny(c, arg.arch)
-        c.augment = None
         return c
 
     c.model.name = _MODELS[(arg.arch, arg.size)]

@@ -73,6 +73,10 @@ def test_torn_step_is_skipped_with_a_message(tmp_path, capsys):
     assert not checkpoint.is_finalized(tmp_path / "2")
     (tmp_path / "3.orbax-checkpoint-tmp-1234").mkdir()  # an unfinished async save
 
+    reader = checkpoint.Checkpointer(tmp_path, read_only=True)  # evaluation: moves nothing
+    assert reader.latest_step() == 1 and (tmp_path / "2").is_dir()
+    reader.close()
+
     loader = checkpoint.Checkpointer(tmp_path)
     assert "torn checkpoint" in capsys.readouterr().out
     assert loader.latest_step() == 1

@@ -260,3 +260,28 @@ def test_init_from_timm_weights_keeps_a_mismatched_head(tmp_path):
     np.testing.assert_array_equal(got.head.kernel[...], fresh["params"]["head"]["kernel"][...])
     kernel = state["params"]["blocks"][0]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding == setup.shardings["params"]["blocks"][0]["mlp"]["fc1"]["kernel"].value
+
+
+@pytest.mark.slow
+def test_segmenter_task_then_its_masks_feed_a_classifier(tmp_path):
+    seg = config_utils.load_config(f"{REPO}/configs/segmenter.py:size=tiny")
+    overrides = {"total_steps": 2, "optimizer.warmup_steps": 1, "checkpoint.every_steps": 2}
+    for key, value in {**overrides, "eval.every_steps": 2, "progress_bar": False}.items():
+        *parents, leaf = key.split(".")
+        node = seg
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    summary = train.train(seg, str(tmp_path / "seg"))
+    assert 0.0 <= summary["eval/original/fg_iou"] <= 1.0 and np.isfinite(summary["train/loss"])
+
+    classifier = _tiny_config(
+        **{
+            **overrides,
+            "eval.every_steps": 0,
+            "model.masking": "early",
+            "mask_source": str(tmp_path / "seg"),
+        }
+    )
+    summary = train.train(classifier, str(tmp_path / "cls"))
+    assert summary["step"] == 2 and np.isfinite(summary["train/loss"])

@@ -13,10 +13,11 @@ one fixed order, a permutation drawn from `seed`, the same for every foreground.
 
 Two searches with identical results (same vulnerable set, same first flipping background):
   * `batched_search`: rounds over the still-unflipped foregrounds; each round gives every active
-    foreground its next `chunk` backgrounds, packed into fixed-size forward batches, with
-    `chunk = max(1, batch_size // active)` so late rounds with few stubborn foregrounds still fill
-    a batch. A foreground leaves the search as soon as a round flips it (early exit); the waste is
-    at most `chunk - 1` composites past its first flip.
+    foreground its next background(s), as many as fill whole forward batches (one each while
+    more foregrounds than batch rows are active, ~batch_size / active each later, so the last
+    stubborn foregrounds still fill a batch; padding only when the pool runs out). A foreground
+    leaves the search as soon as a round flips it (early exit); the waste is the composites it
+    was given in that round past its first flip.
   * `serial_search`: the reference loop, one foreground at a time, `per_pass` backgrounds per
     forward pass (1: strictly serial; the reference uses 32), stopping at the first flip.
 Both take `predict(fg_idx, bg_idx) -> predicted labels`, so they are testable without a model;
@@ -109,12 +110,14 @@ def batched_search(predict: Predict, labels, order, *, batch_size: int) -> Searc
     pos = np.zeros(n, np.int64)  # next position in `order` per foreground
     active = np.arange(n)
     while active.size:
-        chunk = max(1, batch_size // active.size)
-        steps = np.arange(chunk)
-        fg = np.repeat(active, chunk)
-        at = (pos[active][:, None] + steps).reshape(-1)
-        keep = at < k  # the last round of a foreground may have fewer than `chunk` left
-        fg, at = fg[keep], at[keep]
+        # The round fills whole batches: at least one background per active foreground, the
+        # slots left over spread over the foregrounds (capped by what each has left to try).
+        total = -(-max(active.size, batch_size) // batch_size) * batch_size
+        counts = np.full(active.size, total // active.size)
+        counts[: total % active.size] += 1
+        counts = np.minimum(counts, k - pos[active])
+        fg = np.repeat(active, counts)
+        at = pos[fg] + np.arange(fg.size) - np.repeat(np.cumsum(counts) - counts, counts)
         # Every batch of the round is dispatched before any result is read (`predict` may
         # return device arrays), so an accelerator runs the round back to back.
         pending = []
@@ -135,7 +138,7 @@ def batched_search(predict: Predict, labels, order, *, batch_size: int) -> Searc
         res.vulnerable[fg[first]] = True
         res.flip_background[fg[first]] = order[at[first]]
         res.flip_prediction[fg[first]] = preds[first]
-        pos[active] += chunk
+        pos[active] += counts
         active = active[~res.vulnerable[active] & (pos[active] < k)]
     return res
 

@@ -156,24 +156,30 @@ def saliency_maps(
     batch_size: int = 64,
     apply_fn: ApplyFn = eval_lib.apply_model,
     cam_layer: int = -1,
+    methods: Sequence[str] = METHODS,
 ) -> dict[str, np.ndarray]:
     """{method: float32 [N, H, W]} for uint8 images, sharded over the mesh in batches."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown saliency method(s) {sorted(unknown)}; known: {METHODS}")
     graphdef, state = nnx.split(model)
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def maps(state, images, masks, labels):
-        model = nnx.merge(graphdef, state)
         x = pipeline.normalize(images, mean, std)
-        cam = grad_cam(graphdef, state, x, masks, labels, apply_fn, cam_layer)
-        return {
-            "input_gradient": input_gradient(apply_fn, model, x, masks, labels),
-            "grad_cam": upsample(cam, x.shape[1:3]),
-        }
+        out = {}
+        if "input_gradient" in methods:
+            model = nnx.merge(graphdef, state)
+            out["input_gradient"] = input_gradient(apply_fn, model, x, masks, labels)
+        if "grad_cam" in methods:
+            cam = grad_cam(graphdef, state, x, masks, labels, apply_fn, cam_layer)
+            out["grad_cam"] = upsample(cam, x.shape[1:3])
+        return out
 
     jitted = jax.jit(maps, out_shardings=replicated)
     n = images.shape[0]
     batch_size = -(-min(batch_size, n) // mesh.size) * mesh.size
-    out: dict[str, list] = {m: [] for m in METHODS}
+    out: dict[str, list] = {m: [] for m in methods}
     for start in range(0, n, batch_size):
         rows = np.arange(start, start + batch_size).clip(max=n - 1)  # pad with the last row
         args = [
@@ -181,7 +187,7 @@ def saliency_maps(
             for a in (images, masks, labels.astype(np.int32))
         ]
         result = parallel.fetch(jitted(state, *args))
-        for m in METHODS:
+        for m in methods:
             out[m].append(result[m][: min(batch_size, n - start)])
     return {m: np.concatenate(v) for m, v in out.items()}
 

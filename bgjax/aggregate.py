@@ -1,0 +1,289 @@
+r"""`bgjax aggregate ROOT`: evaluate what a sweep left unevaluated, then tabulate and plot it.
+
+    bgjax aggregate runs/tiny            # after `bgjax sweep ... --workdir runs/tiny`
+
+Every run folder under ROOT (one with a config.json) is evaluated at its newest checkpoint with
+the sweep's `evals` (ROOT/sweep.json; default: all variants on the dataset's test split), by
+the evaluator, into RUN/eval/step_<N>/<eval name>/results.json. Results already there are read,
+not recomputed. Written to ROOT:
+
+    aggregate.json / aggregate.md   one row per run: model, parameters, strategy, seed, metrics
+    scaling.png                     each variant's / OOD split's accuracy against model size
+                                    (parameters, counted abstractly), one line per arch+strategy
+                                    (seeds averaged, min-max bars): the masking paper's figures
+    progress_vs_background.png      original accuracy against BG-gap and against MIXED_RAND
+                                    accuracy, one point per run ("Noise or Signal", Fig. 6)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, logging
+from etils import epath
+from flax import nnx
+
+from bgjax import data as data_lib
+from bgjax import evaluate as evaluate_lib
+from bgjax import plots
+from bgjax import train as train_lib
+from bgjax import variants as variants_lib
+from bgjax.sweep import final_step
+
+SourceFn = Callable[[ml_collections.ConfigDict, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """One evaluation of every run: a split, its variants, and config.data changes."""
+
+    name: str
+    split: str
+    variants: tuple[str, ...] = variants_lib.VARIANTS
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> EvalSpec:
+        unknown = set(spec) - {"name", "split", "variants", "data"}
+        if unknown or "name" not in spec or "split" not in spec:
+            raise ValueError(
+                f"eval spec {dict(spec)} needs name and split (optional: variants, data); "
+                f"unknown keys: {sorted(unknown)}"
+            )
+        return cls(
+            name=spec["name"],
+            split=spec["split"],
+            variants=evaluate_lib.parse_variants(spec.get("variants")),
+            data=dict(spec.get("data") or {}),
+        )
+
+
+def default_evals(config: ml_collections.ConfigDict) -> list[EvalSpec]:
+    return [EvalSpec("test", evaluate_lib.default_split(config.data.name))]
+
+
+def results_path(workdir: str | os.PathLike, step: int, name: str) -> epath.Path:
+    return epath.Path(workdir) / "eval" / f"step_{step}" / name / "results.json"
+
+
+def evaluate_run(
+    workdir: str | os.PathLike,
+    evals: Sequence[EvalSpec],
+    *,
+    step: int | None = None,
+    get_source: SourceFn = data_lib.get_source,
+    batch_size: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """{eval name: results.json content} of `workdir`'s checkpoint `step` (default newest),
+    reading results that exist and evaluating the others (the model is restored once)."""
+    step = final_step(workdir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {epath.Path(workdir) / 'checkpoints'}")
+    out, missing = {}, []
+    for spec in evals:
+        path = results_path(workdir, step, spec.name)
+        if path.exists():
+            out[spec.name] = json.loads(path.read_text())
+        else:
+            missing.append(spec)
+    if not missing:
+        return out
+    run = evaluate_lib.restore(workdir, step)
+    for spec in missing:
+        data = ml_collections.ConfigDict(run.config.data.to_dict())
+        data.update(spec.data)
+        source = get_source(data, spec.split)
+        results = dict(run.metadata(), split=spec.split, eval=spec.name)
+        results.update(
+            evaluate_lib.score(
+                run.model,
+                source,
+                variant_names=spec.variants,
+                mesh=run.mesh,
+                batch_size=batch_size or run.config.eval.batch_size,
+                image_size=data.image_size,
+                seed=run.config.seed,
+                mean=run.mean,
+                std=run.std,
+                segmenter=run.segmenter,
+            )
+        )
+        evaluate_lib.write_results(results, results_path(workdir, step, spec.name).parent)
+        out[spec.name] = results
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing runs
+
+
+def count_params(config: ml_collections.ConfigDict, num_classes: int) -> int:
+    """Parameters of the run's model, from shapes only (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: train_lib.make_model(config, num_classes))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def strategy_of(config: ml_collections.ConfigDict) -> str:
+    """none | mixed_rand (or another training variant) | early | late | attn, "+pred" when the
+    masks come from a segmenter."""
+    masking = config.model.get("masking", "none")
+    if masking != "none":
+        return masking if config.get("mask_source", "gt") == "gt" else f"{masking}+pred"
+    variant = config.get("train_variant", "original")
+    if not isinstance(variant, str):
+        return "mixed_variants"
+    return "none" if variant == "original" else variant
+
+
+def family_of(model_name: str) -> str:
+    return model_name.split("_")[0]
+
+
+def describe_run(workdir: str | os.PathLike) -> dict[str, Any]:
+    workdir = epath.Path(workdir)
+    config = evaluate_lib.read_config(workdir)
+    classes = json.loads((workdir / "dataset_info.json").read_text())["class_names"]
+    return dict(
+        run=workdir.name,
+        model=config.model.name,
+        family=family_of(config.model.name),
+        params=count_params(config, len(classes)),
+        strategy=strategy_of(config),
+        seed=config.seed,
+        total_steps=config.total_steps,
+    )
+
+
+def run_dirs(root: str | os.PathLike) -> list[epath.Path]:
+    root = epath.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep root {root} does not exist")
+    return sorted(p for p in root.iterdir() if (p / "config.json").exists())
+
+
+def load_evals(root: str | os.PathLike) -> list[EvalSpec] | None:
+    """The sweep's eval specs from ROOT/sweep.json, or None when it names none."""
+    manifest = epath.Path(root) / "sweep.json"
+    if not manifest.exists():
+        return None
+    specs = json.loads(manifest.read_text())["sweep"].get("evals")
+    return [EvalSpec.parse(s) for s in specs] if specs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def metrics_of(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """The flat metrics of one results.json: each variant's accuracy, BG-gap, groups."""
+    out = {v: r["accuracy"] for v, r in results["variants"].items()}
+    for key in ("bg_gap", "worst_group_accuracy", "average_accuracy"):
+        if results.get(key) is not None:
+            out[key] = results[key]
+    return out
+
+
+def collect(
+    root: str | os.PathLike, *, evals: Sequence[EvalSpec] | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """One row per finished run: its description and {eval name: metrics}."""
+    import tqdm
+
+    evals = load_evals(root) if evals is None else evals
+    rows = []
+    for workdir in tqdm.tqdm(run_dirs(root), desc="aggregate", unit="run", disable=not progress):
+        row = describe_run(workdir)
+        step = final_step(workdir)
+        if step is None or step < row["total_steps"]:
+            logging.warning("aggregate: %s is unfinished (step %s), left out", workdir, step)
+            continue
+        specs = evals or default_evals(evaluate_lib.read_config(workdir))
+        results = evaluate_run(workdir, specs, step=step)
+        row["step"] = step
+        row["metrics"] = {name: metrics_of(r) for name, r in results.items()}
+        rows.append(row)
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One Markdown table per evaluation: a row per run, a column per metric (%)."""
+    parts = ["# Sweep results", ""]
+    evals = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
+    for name in evals:
+        columns = list(dict.fromkeys(m for row in rows for m in row["metrics"].get(name, {})))
+        parts += [f"## {name}", ""]
+        parts.append("| run | model | params (M) | strategy | seed | " + " | ".join(columns) + " |")
+        parts.append("|---|---|---:|---|---:|" + "---:|" * len(columns))
+        for row in rows:
+            metrics = row["metrics"].get(name, {})
+            cells = [_pct(metrics.get(c)) for c in columns]
+            parts.append(
+                f"| {row['run']} | {row['model']} | {row['params'] / 1e6:.2f} | "
+                f"{row['strategy']} | {row['seed']} | " + " | ".join(cells) + " |"
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_outputs(root: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """aggregate.json, aggregate.md and the two plots in ROOT."""
+    root = epath.Path(root)
+    paths = {k: os.fspath(root / f) for k, f in (
+        ("json", "aggregate.json"), ("md", "aggregate.md"), ("scaling", "scaling.png"),
+        ("progress", "progress_vs_background.png"))}  # fmt: skip
+    (root / "aggregate.json").write_text(json.dumps(list(rows), indent=2))
+    (root / "aggregate.md").write_text(table_markdown(rows))
+    if not rows:
+        return {k: paths[k] for k in ("json", "md")}
+    series = lambda row: f"{row['family']} {row['strategy']}"
+    panels: dict[str, dict[str, list]] = {}
+    for row in rows:
+        for name, metrics in row["metrics"].items():
+            for metric, value in metrics.items():
+                if value is not None:
+                    panel = panels.setdefault(f"{name}: {metric}", {})
+                    panel.setdefault(series(row), []).append((row["params"], value))
+    plots.metric_vs_size(panels, paths["scaling"])
+    first = next(iter(rows[0]["metrics"]))  # the IID evaluation, by the sweep's order
+    scatter = {}
+    for y_metric, y_label in (("bg_gap", "BG-gap (%)"), ("mixed_rand", "MIXED_RAND accuracy (%)")):
+        points: dict[str, list] = {}
+        for row in rows:
+            metrics = row["metrics"].get(first, {})
+            if metrics.get("original") is not None and metrics.get(y_metric) is not None:
+                points.setdefault(series(row), []).append((metrics["original"], metrics[y_metric]))
+        if points:
+            scatter[y_label] = points
+    if scatter:
+        plots.accuracy_scatter(scatter, paths["progress"], xlabel="ORIGINAL accuracy (%)")
+    else:
+        del paths["progress"]
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: bgjax aggregate ROOT")
+    try:
+        rows = collect(argv[1])
+        paths = write_outputs(argv[1], rows)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"bgjax aggregate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(epath.Path(paths["md"]).read_text())
+    print("\n".join(f"wrote {p}" for p in paths.values()))

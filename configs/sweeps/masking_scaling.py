@@ -1,0 +1,77 @@
+r"""The masking paper's scaling grid (Aniraj et al. 2023, REFERENCE.md §2): train on CUB, test on
+CUB (all IN-9 variants) and on Waterbirds (the same 200 species, backgrounds swapped).
+
+    bgjax sweep --config configs/sweeps/masking_scaling.py:cub_root=/data/CUB_200_2011,\
+waterbirds_root=/data/waterbird_complete95_forest2water2,weights=/data/timm \
+        --workdir /shared/runs/masking_scaling --launch print --cluster slurm > jobs.sh
+    bgjax aggregate /shared/runs/masking_scaling
+
+Grid: ConvNeXt T/S/B/L and ViT S/B/L (DINOv2, patch 14, 518 px) x none / early / late masking
+x `seeds` seeds, 21 runs per seed, each with the recipe of configs/cub.py for `mode`
+(finetune | frozen). Ground-truth CUB masks (the paper's segmenter: set config.mask_source).
+weights: a folder of timm-format `<model name>.safetensors` (from `bgjax convert`) to start
+from, as the paper does ("" = random init). Waterbirds is read from its release with the CUB
+segmentations for masks (waterbirds_root + cub_root), or generated from CUB + Places
+(places_root instead of waterbirds_root).
+"""
+
+import os
+
+import ml_collections
+
+from bgjax import config_utils
+
+# (point name, configs/cub.py arguments, timm model name): ConvNeXt-T is not one of cub.py's
+# sizes, so it is ConvNeXt-S's recipe with the tiny model.
+MODELS = (
+    ("convnext_t", dict(arch="convnext", size="small"), "convnext_tiny"),
+    ("convnext_s", dict(arch="convnext", size="small"), "convnext_small"),
+    ("convnext_b", dict(arch="convnext", size="base"), "convnext_base"),
+    ("convnext_l", dict(arch="convnext", size="large"), "convnext_large"),
+    ("vit_s", dict(arch="vit", size="small"), "vit_small_patch14_dinov2"),
+    ("vit_b", dict(arch="vit", size="base"), "vit_base_patch14_dinov2"),
+    ("vit_l", dict(arch="vit", size="large"), "vit_large_patch14_dinov2"),
+)
+STRATEGIES = ("none", "early", "late")
+
+
+def _model_point(name: str, arg: dict, model: str, weights: str) -> dict:
+    point = {"name": name, "model.name": model, **{f"arg.{k}": v for k, v in arg.items()}}
+    if weights:
+        point["model.init"] = os.path.join(weights, f"{model}.safetensors")
+    return point
+
+
+def get_config(arg=None):
+    arg = config_utils.parse_arg(
+        arg,
+        mode="finetune",
+        seeds=1,
+        cub_root="",
+        waterbirds_root="",
+        places_root="",
+        weights="",
+    )
+    config_utils.choice("mode", arg.mode, ("finetune", "frozen"))
+    c = ml_collections.ConfigDict()
+    c.base = "configs/cub.py"
+    c.base_arg = f"mode={arg.mode}"
+    c.overrides = ml_collections.ConfigDict()
+    c.overrides.data = dict(root=arg.cub_root)
+    c.axes = [
+        ("model", [_model_point(*m, arg.weights) for m in MODELS]),
+        ("arg.strategy", list(STRATEGIES)),
+        ("seed", list(range(arg.seeds))),
+    ]
+    waterbirds = dict(
+        name="waterbirds",
+        label="species",
+        root=arg.waterbirds_root,
+        cub_root=arg.cub_root,
+        places_root=arg.places_root,
+    )
+    c.evals = [
+        dict(name="cub", split="test", variants="all"),
+        dict(name="waterbirds", split="test", variants=["original"], data=waterbirds),
+    ]
+    return c
