@@ -51,3 +51,7 @@ def string_list(name: str, default: list[str] | None, help_: str):
 def config_file(name: str = "config", help_: str = "experiment config file, e.g. cfg.py:arg"):
     """`--config path.py[:arg]` with `--config.key=value` overrides (unknown keys are errors)."""
     return _define(config_flags.DEFINE_config_file, name, None, help_, lock_config=True)
+
+
+def enum(name: str, default: str | None, values: list[str], help_: str):
+    return _define(flags.DEFINE_enum, name, default, values, help_)

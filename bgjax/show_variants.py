@@ -12,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import ConfigDict
 
-from bgjax import data, plots, variants
+from bgjax import clflags, data, plots, variants
 
-_DATASET = flags.DEFINE_string("dataset", "synthetic", "dataset name (see bgjax.data)")
-_SPLIT = flags.DEFINE_string("split", "train", "dataset split to draw the examples from")
-_OUT = flags.DEFINE_string("out", None, "output image path (.png, .pdf, .svg)", required=True)
-_N = flags.DEFINE_integer("n", 6, "number of examples (rows)", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "seed for the examples and the mixed partners")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "image size of the dataset", lower_bound=1)
+_DATASET = clflags.string("dataset", "synthetic", "dataset name (see bgjax.data)")
+_SPLIT = clflags.string("split", "train", "dataset split to draw the examples from")
+_OUT = clflags.string("out", None, "output image path (.png, .pdf, .svg)")
+_N = clflags.integer("n", 6, "number of examples (rows)")
+_SEED = clflags.integer("seed", 0, "seed for the examples and the mixed partners")
+_IMAGE_SIZE = clflags.integer("image_size", 64, "image size of the dataset")
 
 
 def pick_examples(labels: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
@@ -63,7 +63,9 @@ def variant_rows(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = ConfigDict({"name": _DATASET.value, "image_size": _IMAGE_SIZE.value})
+    if not _OUT.value:
+        raise app.UsageError("--out (the output picture path) is required")
+    config = ConfigDict({"name": _DATASET.value or "synthetic", "image_size": _IMAGE_SIZE.value})
     source = data.get_source(config, _SPLIT.value)
     path = plots.variant_grid(variant_rows(source, _N.value, _SEED.value), _OUT.value)
     logging.info("wrote %s", path)

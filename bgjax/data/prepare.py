@@ -19,36 +19,35 @@ from __future__ import annotations
 
 import json
 
-from absl import flags
-
+from bgjax import clflags
 from bgjax.data import tfds_builders
 
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "folder with the dataset's files")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write into")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "rewrite a dataset already in data_dir")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 0, "encoding processes (0: in this one)")
-_SKIP_CORRUPT = flags.DEFINE_bool(
+_MANUAL_DIR = clflags.string("manual_dir", None, "folder with the dataset's files")
+_DATA_DIR = clflags.string("data_dir", None, "TFDS data dir to write into")
+_OVERWRITE = clflags.boolean("overwrite", False, "rewrite a dataset already in data_dir")
+_NUM_WORKERS = clflags.integer("num_workers", 0, "encoding processes (0: in this one)")
+_SKIP_CORRUPT = clflags.boolean(
     "skip_corrupt", False, "skip (and count) images that do not decode instead of failing"
 )
 # in9
-_CHECK = flags.DEFINE_bool("check", False, "in9: print the consistency report, write nothing")
-_CHECK_N = flags.DEFINE_integer("check_n", 100, "in9 --check: originals to compare")
-_TOLERANCE = flags.DEFINE_integer("tolerance", 8, "in9 --check: JPEG tolerance per pixel")
-_BOX_SOURCE = flags.DEFINE_enum(
+_CHECK = clflags.boolean("check", False, "in9: print the consistency report, write nothing")
+_CHECK_N = clflags.integer("check_n", 100, "in9 --check: originals to compare")
+_TOLERANCE = clflags.integer("tolerance", 8, "in9 --check: JPEG tolerance per pixel")
+_BOX_SOURCE = clflags.enum(
     "box_source", "mask", ["mask", "only_bg_b"], "in9: box = mask's box or only_bg_b's rectangle"
 )
-_VARIANTS = flags.DEFINE_list("variants", None, "in9: released variants to write (default all)")
+_VARIANTS = clflags.string_list("variants", None, "in9: released variants to write (default all)")
 # in9l
-_SYNSETS = flags.DEFINE_string("synsets", None, "in9l: LOC_synset_mapping.txt (1000 lines)")
-_TRAIN_DIR = flags.DEFINE_string("train_dir", None, "in9l: ImageNet train (default SRC/train)")
-_BBOX_DIR = flags.DEFINE_string("bbox_dir", None, "in9l: box XMLs (default SRC/bbox)")
+_SYNSETS = clflags.string("synsets", None, "in9l: LOC_synset_mapping.txt (1000 lines)")
+_TRAIN_DIR = clflags.string("train_dir", None, "in9l: ImageNet train (default SRC/train)")
+_BBOX_DIR = clflags.string("bbox_dir", None, "in9l: box XMLs (default SRC/bbox)")
 # cub / waterbirds
-_SEGMENTATIONS = flags.DEFINE_string("segmentations", None, "CUB segmentations folder")
-_CUB_ROOT = flags.DEFINE_string("cub_root", None, "waterbirds release: CUB root, for masks")
-_PLACES_ROOT = flags.DEFINE_string("places_root", None, "waterbirds generation: Places folder")
-_CORRELATION = flags.DEFINE_float("correlation", 0.95, "waterbirds generation: train correlation")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.2, "waterbirds generation: val share")
-_SEED = flags.DEFINE_integer("seed", 0, "random choices (waterbirds generation, GrabCut)")
+_SEGMENTATIONS = clflags.string("segmentations", None, "CUB segmentations folder")
+_CUB_ROOT = clflags.string("cub_root", None, "waterbirds release: CUB root, for masks")
+_PLACES_ROOT = clflags.string("places_root", None, "waterbirds generation: Places folder")
+_CORRELATION = clflags.float_("correlation", 0.95, "waterbirds generation: train correlation")
+_VAL_FRACTION = clflags.float_("val_fraction", 0.2, "waterbirds generation: val share")
+_SEED = clflags.integer("seed", 0, "random choices (waterbirds generation, GrabCut)")
 
 
 def _options(name: str) -> dict:
