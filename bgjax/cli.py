@@ -46,7 +46,9 @@ def run(argv: list[str] | None = None) -> None:
         print(f"bgjax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[name][0])
-    app.run(module.main, argv=[f"bgjax {name}", *argv[2:]])
+    # A command may bring its own flags parser (train: clear errors for unknown config keys).
+    parser = getattr(module, "flags_parser", app.parse_flags_with_usage)
+    app.run(module.main, argv=[f"bgjax {name}", *argv[2:]], flags_parser=parser)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ remaining=$num_processes
 while ((remaining > 0)); do
   finished="" rc=0
   wait -n -p finished || rc=$?
-  [[ -z $finished ]] && continue  # wait was interrupted by a forwarded signal: keep waiting
+  [[ -z ${finished:-} ]] && continue  # wait was interrupted by a forwarded signal: keep waiting
   remaining=$((remaining - 1))
   if ((rc != 0 && status == 0)); then
     echo "local.sh: process with pid $finished exited with status $rc; stopping the others" >&2

@@ -4,12 +4,12 @@
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- <bgjax train args>
 #   launch/tpu_pod.sh bgjax-v4 us-central2-b v4-32 -- --config configs/cub.py:arch=vit,size=large \
-#       --workdir gs://my-bucket/runs/cub_vitl --config.data.root=/mnt/data/CUB_200_2011
+#       --workdir /mnt/shared/runs/cub_vitl --config.data.root=/mnt/shared/CUB_200_2011
 #
 # Env: TPU_VERSION (runtime image, default tpu-ubuntu2204-base), TPU_SPOT=1 (spot VMs; on
 # preemption every worker saves at the same step and exits 0; run this again to resume),
-# GCLOUD_ARGS (extra flags, e.g. --project=...). The workdir must be shared by all workers (a
-# gs:// bucket or a mounted filesystem); so must the data.
+# GCLOUD_ARGS (extra flags, e.g. --project=...). The workdir must be one directory shared by
+# all workers (e.g. a GCS FUSE or Filestore mount; metrics.jsonl is appended to); so must the data.
 set -euo pipefail
 usage() { echo "usage: $0 NAME ZONE ACCELERATOR -- <bgjax train args>" >&2; exit 2; }
 [[ $# -ge 4 && $4 == "--" ]] || usage

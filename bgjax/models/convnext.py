@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bgjax.models import layers
 from bgjax.models import masking as masking_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,21 +51,25 @@ def _conv(cin: int, cout: int, size: int, dtype, rngs: nnx.Rngs, *, shard_in: bo
         padding="VALID",
         dtype=dtype,
         kernel_init=_kernel_init(sharding),
+        conv_general_dilated=layers.patch_conv,  # as one matmul (fast on CPU too)
         rngs=rngs,
     )
 
 
 def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
     sharding = ("fsdp", None) if shard_in else (None, "fsdp")
-    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_kernel_init(sharding), rngs=rngs)
+    return nnx.Linear(
+        cin,
+        cout,
+        dtype=dtype,
+        kernel_init=_kernel_init(sharding),
+        dot_general=layers.rows_dot_general,  # (B, H, W, C) rows as one 2-D matmul
+        rngs=rngs,
+    )
 
 
-def depthwise_shifted(x, kernel):
-    """Depthwise 'SAME' conv as k*k shifted multiply-adds of a padded input.
-
-    XLA's CPU lowering of grouped convolution is ~20x slower than this (REFERENCE.md §7);
-    accelerators have fast depthwise kernels and use `depthwise_grouped`.
-    """
+def _shift_multiply_add(x, kernel):
+    """Depthwise 'SAME' correlation as k*k shifted multiply-adds of a padded input."""
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
@@ -73,6 +78,59 @@ def depthwise_shifted(x, kernel):
         for j in range(kw):
             out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
     return out
+
+
+def _fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (fast FFT lengths)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _depthwise_kernel_grad(x, g, kh: int, kw: int):
+    """d(loss)/d(kernel) [kh, kw, 1, C] = sum over (b, h, w) of the padded input shifted by
+    (i, j) times the output gradient, for all 49 (i, j) at once: a cross-correlation computed
+    with FFTs (float32), zero-padded so the circular correlation does not wrap."""
+    h, w = x.shape[1:3]
+    lh, lw = _fft_size(h + kh - 1), _fft_size(w + kw - 1)
+    x, g = x.astype(jnp.float32), g.astype(jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (kh // 2, lh - h - kh // 2), (kw // 2, lw - w - kw // 2), (0, 0)))
+    gp = jnp.pad(g, ((0, 0), (0, lh - h), (0, lw - w), (0, 0)))
+    spectrum = jnp.fft.rfft2(xp, axes=(1, 2)) * jnp.conj(jnp.fft.rfft2(gp, axes=(1, 2)))
+    corr = jnp.fft.irfft2(spectrum.sum(axis=0), s=(lh, lw), axes=(0, 1))
+    return corr[:kh, :kw, None, :]
+
+
+@jax.custom_vjp
+def depthwise_shifted(x, kernel):
+    """Depthwise 'SAME' conv as k*k shifted multiply-adds of a padded input (odd k).
+
+    XLA's CPU lowering of grouped convolution is ~20x slower than this (REFERENCE.md §7);
+    accelerators have fast depthwise kernels and use `depthwise_grouped`. The backward pass
+    is written out: the input gradient is the same conv with the flipped kernel, and the
+    kernel gradient one FFT cross-correlation; autodiff of the 49 multiply-adds instead gives
+    49 separate reductions, 5x slower and 5x longer to compile (BENCHMARKS.md).
+    """
+    return _shift_multiply_add(x, kernel)
+
+
+def _depthwise_shifted_fwd(x, kernel):
+    return _shift_multiply_add(x, kernel), (x, kernel)
+
+
+def _depthwise_shifted_bwd(residuals, g):
+    x, kernel = residuals
+    dx = _shift_multiply_add(g, kernel[::-1, ::-1])
+    dk = _depthwise_kernel_grad(x, g, *kernel.shape[:2]).astype(kernel.dtype)
+    return dx, dk
+
+
+depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 def depthwise_grouped(x, kernel):
