@@ -18,55 +18,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-IN9_CLASSES = (
-    "dog",
-    "bird",
-    "wheeled vehicle",
-    "reptile",
-    "carnivore",
-    "insect",
-    "musical instrument",
-    "primate",
-    "fish",
-)
+from bgjax.data import in9
 
-# ImageNet-1k indices of each IN-9 class, inclusive ranges (REFERENCE.md §1).
-_IN9_IMAGENET_RANGES: dict[str, tuple[tuple[int, int], ...]] = {
-    "dog": ((151, 170), (173, 268)),  # 151-268 except 171, 172
-    "bird": ((7, 24), (87, 100), (127, 146)),
-    "wheeled vehicle": tuple(
-        (i, i)
-        for i in (407, 408, 428, 436, 444, 468, 511, 547, 555, 561, 565, 569, 573, 586, 603, 609)
-        + (612, 627, 656, 661, 665, 670, 671, 675, 690, 705, 717, 734, 751, 757, 791, 802, 803)
-        + (817, 820, 829, 847, 864, 866, 867, 870, 880)
-    ),
-    "reptile": ((33, 68),),
-    "carnivore": ((269, 280), (286, 299), (356, 362), (387, 388)),
-    "insect": ((300, 326),),
-    "musical instrument": tuple(
-        (i, i)
-        for i in (401, 402, 420, 432, 486, 494, 513, 541, 546, 558, 566, 577, 579, 593, 594, 641)
-        + (642, 683, 684, 687, 699, 776, 822, 875, 881, 889)
-    ),
-    "primate": ((365, 384),),
-    "fish": ((0, 6), (389, 397)),
-}
+IN9_CLASSES = in9.CLASS_NAMES
 
 UNMAPPED = -1
 
-
-def _imagenet_to_in9_table() -> np.ndarray:
-    table = np.full(1000, UNMAPPED, np.int32)
-    for label, name in enumerate(IN9_CLASSES):
-        for lo, hi in _IN9_IMAGENET_RANGES[name]:
-            if np.any(table[lo : hi + 1] != UNMAPPED):
-                raise AssertionError(f"ImageNet ranges of IN-9 class {name!r} overlap another")
-            table[lo : hi + 1] = label
-    return table
-
-
 # IMAGENET_TO_IN9[i] = IN-9 label of ImageNet class i, or -1 (a top-1 there counts as wrong).
-IMAGENET_TO_IN9: np.ndarray = _imagenet_to_in9_table()
+# The table is a fact about the dataset, so it lives with the IN-9 reader.
+IMAGENET_TO_IN9: np.ndarray = in9.imagenet_to_in9()
 IMAGENET_TO_IN9.setflags(write=False)
 
 
