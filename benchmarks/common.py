@@ -211,7 +211,8 @@ class TrainStep:
 
     config: Any
     mesh: Any
-    step: Callable
+    step: Callable  # the compiled executable
+    jitted: Callable  # the same step as `jax.jit` returns it (compiles on first call)
     state: dict
     compile_s: float
     flops: float | None  # per step, XLA's cost analysis (None when the backend has none)
@@ -237,7 +238,7 @@ def build_train_step(config, mesh) -> TrainStep:
     start = time.perf_counter()
     compiled = jitted.lower(setup.abstract, abstract_batch).compile()
     compile_s = time.perf_counter() - start
-    return TrainStep(config, mesh, compiled, setup.init(), compile_s, xla_flops(compiled))
+    return TrainStep(config, mesh, compiled, jitted, setup.init(), compile_s, xla_flops(compiled))
 
 
 def xla_flops(compiled) -> float | None:

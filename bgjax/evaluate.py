@@ -22,7 +22,9 @@ mapped to IN-9, unmapped classes wrong (`metrics.IMAGENET_TO_IN9`).
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -41,8 +43,10 @@ from flax import nnx
 from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags, metrics, parallel, variants
 from bgjax import data as data_lib
+from bgjax import masks as masks_lib
 from bgjax import train as train_lib
 from bgjax.data import pipeline
+from bgjax.models import segmenter as segmenter_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,21 +69,24 @@ def make_predict_step(
     std: Sequence[float],
     imagenet_to_in9: bool = False,
     apply_fn: Callable = apply_model,
-    segmenter: Callable | None = None,
+    segmenter: masks_lib.MaskSource | None = None,
 ) -> Callable[[Mapping[str, jax.Array]], dict[str, np.ndarray]]:
     """A jitted `step(global_batch) -> dict` of per-row `pred`, `label`, `habitat`, `valid`
     (replicated device arrays: fetch with `parallel.fetch`).
 
-    `segmenter(images) -> masks` replaces the batch's ground-truth masks (config.mask_source,
-    as in training). Outputs are replicated so every process can read all rows.
+    `segmenter` (a `bgjax.masks` source, config.mask_source) predicts the masks in place of the
+    batch's ground truth, inside the step, as in training. Outputs are replicated so every
+    process can read all rows.
     """
     graphdef, state = nnx.split(model)
     table = jnp.asarray(metrics.IMAGENET_TO_IN9) if imagenet_to_in9 else None
+    mask_params = None if segmenter is None else segmenter.params
 
-    def step(state, batch):
+    def step(state, batch, mask_params):
         model = nnx.merge(graphdef, state)
         images = pipeline.normalize(batch["image"], mean, std)
-        logits = apply_fn(model, images, train_lib.masks_for_batch(batch, images, segmenter))
+        masks = train_lib.masks_for_batch(batch, images, segmenter, mask_params)
+        logits = apply_fn(model, images, masks)
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if table is not None:
             if logits.shape[-1] != table.shape[0]:
@@ -88,7 +95,7 @@ def make_predict_step(
         return dict(pred=pred, label=batch["label"], habitat=batch["habitat"], valid=batch["valid"])
 
     jitted = jax.jit(step, out_shardings=parallel.replicated(mesh))
-    return lambda batch: jitted(state, batch)
+    return lambda batch: jitted(state, batch, mask_params)
 
 
 def predict_variant(
@@ -179,9 +186,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"dataset `{results.get('dataset')}` split `{results.get('split')}`, "
         f"mask source `{results.get('mask_source')}`\n"
     )
+    if results.get("task") == masks_lib.SEGMENT_TASK:
+        parts = [head, "| variant | fg IoU (%) | bg IoU (%) | mIoU (%) | pixel accuracy (%) |"]
+        parts.append("|---|---:|---:|---:|---:|")
+        for name, v in results["variants"].items():
+            cells = " | ".join(_pct(v[m]) for m in segmenter_lib.METRICS)
+            parts.append(f"| {name} | {cells} |")
+        return "\n".join(parts) + "\n"
     parts = [head, "| variant | accuracy (%) | images |", "|---|---:|---:|"]
     for name, v in results["variants"].items():
         parts.append(f"| {name} | {_pct(v['accuracy'])} | {v['count']} |")
+    if results.get("gt_masks"):
+        gt = results["gt_masks"]["variants"]
+        parts += ["", "| variant | accuracy, predicted masks (%) | with ground-truth masks (%) |"]
+        parts.append("|---|---:|---:|")
+        for name, v in results["variants"].items():
+            parts.append(f"| {name} | {_pct(v['accuracy'])} | {_pct(gt[name]['accuracy'])} |")
     summary = {
         "BG-gap (mixed_same − mixed_rand)": results.get("bg_gap"),
         "worst-group accuracy": results.get("worst_group_accuracy"),
@@ -222,10 +242,18 @@ def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dic
         json.dump(results, f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(results_markdown(results))
-    accs = {k: v["accuracy"] for k, v in results["variants"].items()}
     title = f"{results.get('model', '')} {results.get('masking', '')} step {results.get('step')}"
+    if results.get("task") == masks_lib.SEGMENT_TASK:
+        ious = {k: v["fg_iou"] for k, v in results["variants"].items()}
+        plots.variant_accuracy_bars({title.strip(): ious}, paths["png"], ylabel="fg IoU (%)")
+        return paths
+    series = {title.strip(): {k: v["accuracy"] for k, v in results["variants"].items()}}
+    if results.get("gt_masks"):
+        series["ground-truth masks"] = {
+            k: v["accuracy"] for k, v in results["gt_masks"]["variants"].items()
+        }
     chance = 1 / results["num_classes"] if results.get("num_classes") else None
-    plots.variant_accuracy_bars({title.strip(): accs}, paths["png"], chance=chance)
+    plots.variant_accuracy_bars(series, paths["png"], chance=chance)
     return paths
 
 
@@ -373,7 +401,7 @@ class Restored:
     mesh: jax.sharding.Mesh
     mean: tuple[float, ...]  # the normalisation it was trained with
     std: tuple[float, ...]
-    segmenter: Callable | None  # None: the batch's ground-truth masks
+    segmenter: masks_lib.MaskSource | None  # None: the batch's ground-truth masks
 
     def metadata(self) -> dict[str, Any]:
         c = self.config
@@ -384,6 +412,8 @@ class Restored:
             model=c.model.name,
             masking=c.model.get("masking", "none"),
             mask_source=c.get("mask_source", "gt"),
+            mask_source_kind="ground_truth" if self.segmenter is None else "segmenter",
+            task=c.get("task", "classify"),
             train_variant=c.get("train_variant"),
         )
 
@@ -416,7 +446,15 @@ def restore(
         mesh=mesh,
         mean=tuple(info.mean),
         std=tuple(info.std),
-        segmenter=train_lib.load_mask_source(config.get("mask_source", "gt")),
+        segmenter=None
+        if train_lib.is_segmenter(config)
+        else train_lib.load_mask_source(
+            config.get("mask_source", "gt"),
+            image_size=config.data.image_size,
+            mean=info.mean,
+            std=info.std,
+            mesh=mesh,
+        ),
     )
 
 
@@ -468,7 +506,7 @@ def score(
     seed: int,
     mean: Sequence[float],
     std: Sequence[float],
-    segmenter: Callable | None = None,
+    segmenter: masks_lib.MaskSource | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on every variant of `source`: `summarize`'s metrics plus metadata."""
     imagenet = _head_mode(model.num_classes, source.info)
@@ -493,6 +531,47 @@ def score(
     return results
 
 
+def score_segmenter(
+    model,
+    source,
+    config: ml_collections.ConfigDict,
+    *,
+    variant_names: Sequence[str],
+    mesh,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, Any]:
+    """A segmenter's foreground / background IoU, their mean and pixel accuracy per variant,
+    over the variants whose mask is the visible foreground (`masks.SEGMENTATION_VARIANTS`);
+    the trainer's own evaluation loop, so the numbers match its eval/<variant>/* metrics."""
+    names = [v for v in variant_names if v in masks_lib.SEGMENTATION_VARIANTS]
+    if not names:
+        raise ValueError(
+            f"a segmenter is scored only on variants whose mask is the visible foreground "
+            f"{masks_lib.SEGMENTATION_VARIANTS}; got {tuple(variant_names)}"
+        )
+    config = copy.deepcopy(config)
+    config.eval.variants = tuple(names)
+    config.eval.batch_size = -(-batch_size // mesh.size) * mesh.size  # never a dropped example
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    info = dataclasses.replace(source.info, mean=tuple(mean), std=tuple(std))
+    step = jax.jit(
+        train_lib.make_eval_step(config, graphdef, info), out_shardings=parallel.replicated(mesh)
+    )
+    flat = train_lib.evaluate(step, params, rest, None, source, config, mesh)
+    per_variant = {v: {m: flat[f"eval/{v}/{m}"] for m in segmenter_lib.METRICS} for v in names}
+    return dict(
+        task=masks_lib.SEGMENT_TASK,
+        variants=per_variant,
+        **per_variant.get("original", {}),  # the headline numbers
+        skipped_variants=[v for v in variant_names if v not in names],
+        num_examples=len(source),
+        image_size=config.data.image_size,
+        variant_seed=config.seed,
+    )
+
+
 def evaluate_checkpoint(
     workdir: str | os.PathLike,
     step: int | None = None,
@@ -505,26 +584,54 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Restore `workdir`'s checkpoint `step` (latest if None), evaluate and write the results
-    to `out_dir` (default `workdir/eval/step_<N>`). Returns results.json's content."""
+    to `out_dir` (default `workdir/eval/step_<N>`). Returns results.json's content.
+
+    A segmenter workdir (config.task="segment") is scored by IoU (`score_segmenter`). A
+    classifier whose masks come from a segmenter (config.mask_source) is also scored with the
+    ground-truth masks, under `gt_masks`, for comparison."""
     run = restore(workdir, step, overrides=overrides, dataset=dataset)
     config = run.config
+    batch_size = batch_size or config.eval.batch_size
+    if train_lib.is_segmenter(config):
+        data_config = config.eval.get("data") or config.data  # e.g. IN-9L train, IN-9 eval
+        split = split or default_split(data_config.name)
+        source = data_lib.get_source(data_config, split)
+        results = dict(run.metadata(), split=split)
+        results.update(
+            score_segmenter(
+                run.model,
+                source,
+                config,
+                variant_names=variant_names,
+                mesh=run.mesh,
+                batch_size=batch_size,
+                mean=run.mean,
+                std=run.std,
+            )  # fmt: skip
+        )
+        out_dir = out_dir or run.out_dir()
+        write_results(results, out_dir)
+        return results
+
     split = split or default_split(config.data.name)
     source = data_lib.get_source(config.data, split)
     results = dict(run.metadata(), split=split)
-    results.update(
-        score(
-            run.model,
-            source,
-            variant_names=variant_names,
-            mesh=run.mesh,
-            batch_size=batch_size or config.eval.batch_size,
-            image_size=config.data.image_size,
-            seed=config.seed,  # the trainer's eval seed: the same mixed partners
-            mean=run.mean,
-            std=run.std,
-            segmenter=run.segmenter,
-        )
+    scorer = functools.partial(
+        score,
+        run.model,
+        source,
+        variant_names=variant_names,
+        mesh=run.mesh,
+        batch_size=batch_size,
+        image_size=config.data.image_size,
+        seed=config.seed,  # the trainer's eval seed: the same mixed partners
+        mean=run.mean,
+        std=run.std,
     )
+    results.update(scorer(segmenter=run.segmenter))
+    if run.segmenter is not None and results["masking"] != "none":
+        with_gt = scorer(segmenter=None)
+        results["gt_masks"] = {k: with_gt[k] for k in ("variants", "bg_gap")}
     out_dir = out_dir or run.out_dir()
     write_results(results, out_dir)
     return results

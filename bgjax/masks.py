@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -37,6 +38,10 @@ from bgjax.models import segmenter as segmenter_lib
 
 GT = "gt"
 SEGMENT_TASK = "segment"
+# IN-9 variants whose batch mask is the VISIBLE foreground, so a segmenter can be scored on them.
+# (only_bg_b / only_bg_t / no_fg remove the object but keep its mask: there it marks where the
+# object was, not what is in the picture.)
+SEGMENTATION_VARIANTS = ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
 
 
 def predict_masks(segmenter: nnx.Module, images: jax.Array) -> jax.Array:
@@ -84,11 +89,6 @@ class MaskSource:
         """The masks a step uses: the batch's own ("gt") or the segmenter's prediction."""
         return batch["mask"] if self.is_gt else self.predict(params, images)
 
-    def describe(self) -> dict[str, Any]:
-        """What results files record about the source."""
-        kind = "ground_truth" if self.is_gt else "segmenter"
-        return dict(mask_source=self.name, mask_source_kind=kind)
-
 
 def from_model(
     segmenter: nnx.Module,
@@ -120,8 +120,6 @@ def from_model(
 
 def read_segmenter_config(workdir: str | epath.PathLike) -> tuple[Any, dict]:
     """(config, dataset_info dict) of a segmenter workdir, with clear errors when it is not one."""
-    import ml_collections
-
     workdir = epath.Path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(

@@ -149,6 +149,18 @@ def test_depthwise_lowerings_agree(monkeypatch):
     assert used == [auto, "depthwise_shifted", "depthwise_grouped"]
 
 
+def test_depthwise_shifted_gradients_match_grouped():
+    # The shifted lowering has a hand-written backward (flipped-kernel conv + FFT correlation).
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 13, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 5)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ours = jax.vjp(convnext.depthwise_shifted, x, kernel)[1](cotangent)
+    reference = jax.vjp(convnext.depthwise_grouped, x, kernel)[1](cotangent)
+    for got, want in zip(ours, reference):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_drop_path_rates_rise_linearly():
     rates = convnext.drop_path_rates(0.3, (2, 2, 6, 2))
     assert [len(r) for r in rates] == [2, 2, 6, 2]

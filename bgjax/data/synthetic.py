@@ -68,6 +68,11 @@ _MAX_ROTATION = np.deg2rad(30.0)
 _MIN_PERIOD, _MAX_PERIOD = 0.11, 0.16
 _ORIENTATION_JITTER = np.deg2rad(10.0)
 _BG_CONTRAST = (0.06, 0.14)  # brightness difference of the texture's two colours
+_BG_SATURATION = (0.0, 0.45)
+# Habitat palettes: hue centres spread so that any prefix of habitats is far apart on the colour
+# wheel, and each colour's hue jittered by up to _HUE_JITTER (0.5 = hue carries no information).
+_HABITAT_HUES = np.array([0, 5, 1, 6, 2, 7, 3, 8, 4]) / 9
+_HUE_JITTER = 0.5
 
 # Mean/std of the rendered pixels (RGB in [0, 1]), measured once over the first 4,096 training
 # examples of the default config (seed 0, 64 px, 9 classes) with `np.mean` / `np.std` over all
@@ -278,7 +283,8 @@ def _draw_background(habitat, x, y, rng):
     # Which colour is the brighter one is random: no family is brighter on average.
     contrast = rng.uniform(*_BG_CONTRAST) * rng.choice((-1.0, 1.0))
     values = rng.uniform(0.3, 0.6) + np.array([0.0, contrast])
-    colors = _hsv_to_rgb(rng.uniform(size=2), rng.uniform(0.0, 0.45, size=2), values)
+    hues = _HABITAT_HUES[habitat] + rng.uniform(-_HUE_JITTER, _HUE_JITTER, size=2)
+    colors = _hsv_to_rgb(hues % 1.0, rng.uniform(*_BG_SATURATION, size=2), values)
     return colors[0] + t[..., None] * (colors[1] - colors[0])
 
 

@@ -77,7 +77,17 @@ def _shift_multiply_add(x, kernel):
     for i in range(kh):
         for j in range(kw):
             out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-    return out
+    # Keeps the k*k multiply-adds ONE loop fusion: XLA:CPU's YNNPACK reduce fusion otherwise
+    # absorbs the chain into the following LayerNorm and materialises every shifted input and
+    # broadcast kernel tap (~5x slower conv + norm).
+    return _fusion_barrier(out)
+
+
+def _fusion_barrier(x):
+    """`x`, computed once: a no-op rounding (the dtype's own precision) that XLA does not fuse
+    through. (`lax.optimization_barrier` does not do it on CPU: XLA:CPU removes it first.)"""
+    finfo = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
 
 
 def _fft_size(n: int) -> int:
@@ -125,6 +135,7 @@ def _depthwise_shifted_fwd(x, kernel):
 
 def _depthwise_shifted_bwd(residuals, g):
     x, kernel = residuals
+    g = _fusion_barrier(g)  # read 49 times below: never recompute its producer inside
     dx = _shift_multiply_add(g, kernel[::-1, ::-1])
     dk = _depthwise_kernel_grad(x, g, *kernel.shape[:2]).astype(kernel.dtype)
     return dx, dk

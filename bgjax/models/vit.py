@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bgjax.models import layers
 from bgjax.models import masking as masking_lib
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -178,7 +179,14 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
     sharding = ("fsdp", None) if shard_in else (None, "fsdp")
-    return nnx.Linear(cin, cout, dtype=dtype, kernel_init=_kernel_init(sharding), rngs=rngs)
+    return nnx.Linear(
+        cin,
+        cout,
+        dtype=dtype,
+        kernel_init=_kernel_init(sharding),
+        dot_general=layers.rows_dot_general,  # (B, N, C) tokens as one 2-D matmul
+        rngs=rngs,
+    )
 
 
 class PatchEmbed(nnx.Module):
@@ -194,6 +202,7 @@ class PatchEmbed(nnx.Module):
             padding="VALID",
             dtype=dtype,
             kernel_init=init,
+            conv_general_dilated=layers.patch_conv,  # as one matmul (fast on CPU too)
             rngs=rngs,
         )
 

@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.base_arg = "arch=vit,size=tiny"
     c.overrides = ml_collections.ConfigDict()
     c.overrides.eval = dict(every_steps=0)  # `bgjax aggregate` evaluates
+    c.overrides.checkpoint = dict(every_steps=6)  # the final step only
     c.overrides.progress_bar = False
     c.axes = [
         ("model.embed_dim", list(WIDTHS)),

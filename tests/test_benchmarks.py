@@ -1,0 +1,157 @@
+"""The training benchmarks run end to end on their smallest CPU configuration and report sane
+numbers. Functional checks only: no timing is asserted (timings live in BENCHMARKS.md)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """A benchmarks/ script as a module (the folder is not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load("common")
+throughput = _load("train_throughput")
+scaling = _load("scaling")
+TINY = ["--arch", "tiny_vit", "--size", "32"]
+
+
+def _sane_row(row: dict, batch: int) -> None:
+    assert row["img_s"] > 0 and math.isfinite(row["img_s"])
+    assert row["cpu_img_s"] > 0
+    assert row["step_s"] > 0
+    assert math.isfinite(row["loss"]) and 0 < row["loss"] < 20
+    assert row["img_s"] == pytest.approx(batch / row["step_s"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def test_peak_table_by_device_kind():
+    assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert throughput.peak_tflops("NVIDIA H200") == 989
+    assert throughput.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert throughput.peak_tflops("TPU v5 lite") == 197  # v5e, before the "tpu v5" (v5p) entry
+    assert throughput.peak_tflops("TPU v5p") == 459
+    assert throughput.peak_tflops("TPU v4") == 275
+    assert throughput.peak_tflops("cpu") is None
+
+
+def test_model_flops_are_six_macs_at_224_only():
+    assert throughput.model_flops_per_image("vit_base_patch16_224", 224) == 6 * 17.58e9
+    assert throughput.model_flops_per_image("vit_base_patch16_224", 160) is None
+    assert throughput.model_flops_per_image("tiny_vit", 224) is None
+
+
+def test_timings_summary_uses_medians():
+    timings = common.Timings()
+    for wall, cpu in [(1.0, 2.0), (3.0, 1.0), (2.0, 4.0)]:
+        timings.add(wall, cpu)
+    summary = timings.summary(images_per_call=8, threads=2)
+    assert summary["img_s"] == 4.0  # 8 / median wall 2.0
+    assert summary["cpu_img_s"] == 8.0  # 8 * 2 threads / median CPU 2.0
+    table = common.markdown_table([dict(a=1.5, b=None), dict(a=1234.0)], ["a", "b"])
+    assert table.splitlines()[2:] == ["| 1.5 | n/a |", "| 1,234 | n/a |"]
+
+
+def test_scaling_child_replaces_the_device_count(monkeypatch):
+    flags = "--xla_cpu_foo=1 --xla_force_host_platform_device_count=4"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    env = scaling.child_env(8)
+    assert env["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"
+    with pytest.raises(SystemExit):
+        scaling.parse_args(["--devices", "1,x"])
+
+
+def test_unknown_tiny_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="tiny_convnext"):
+        common.model_kwargs("tiny_resnet", 32)
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_train_step_compiles_once():
+    """The benchmarks time the AOT-compiled step; the trainer's jitted step must not recompile
+    between steps either (output shardings pinned), or its throughput would differ."""
+    from bgjax import parallel
+
+    config = common.train_config("tiny_vit", batch=4, size=32)
+    mesh = parallel.make_mesh([("data", 2)], devices=jax.devices()[:2])
+    step = common.build_train_step(config, mesh)
+    assert step.flops is not None and step.flops > 0
+    batches = common.device_batches(common.host_batches(4, 32, 9), mesh)
+    compiles, listening = [], [True]
+
+    def listener(event, _seconds, **_):
+        if listening[0] and "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _ = step.jitted(step.state, next(batches))
+        first = len(compiles)
+        for _ in range(2):
+            state, metrics = step.jitted(state, next(batches))
+        jax.block_until_ready(metrics)
+    finally:
+        listening[0] = False
+    assert first <= 1 and len(compiles) == first
+
+
+def test_train_throughput_tiny_cpu(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    args = [*TINY, "--batch", "8", "--dtype", "float32", "--steps", "2", "--repeats", "2"]
+    throughput.main([*args, "--warmup", "1", "--devices", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    _sane_row(row, 8)
+    assert row["devices"] == 2 and row["img_s_device"] == pytest.approx(row["img_s"] / 2)
+    assert row["flops_step_xla"] > 0 and row["tflops"] > 0
+    assert row["mfu"] is None and result["peak_tflops_per_device"] is None  # CPU: no peak
+    printed = capsys.readouterr().out
+    assert "| tiny_vit | float32 |" in printed and "MFU n/a" in printed
+    with pytest.raises(SystemExit, match="--devices 64"):
+        throughput.main([*args, "--devices", "64"])
+
+
+def test_train_vs_timm_tiny_cpu(tmp_path, capsys):
+    pytest.importorskip("torch")
+    compare = _load("train_vs_timm")
+    out = tmp_path / "vs_timm.json"
+    argv = ["--arch", "tiny_convnext", "--size", "32", "--batch", "4", "--steps", "2"]
+    compare.main([*argv, "--json", str(out)])
+    result = json.loads(out.read_text())
+    ours, timm = result["rows"]
+    assert ours["impl"].startswith("ours") and timm["impl"].startswith("timm")
+    for row in (ours, timm):
+        _sane_row(row, 4)
+    assert result["ratio"]["img_s"] == pytest.approx(ours["img_s"] / timm["img_s"])
+    assert result["machine"]["torch"] and result["threads"] >= 1
+    assert "ratio ours/timm" in capsys.readouterr().out
+
+
+def test_scaling_over_two_simulated_devices(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    argv = [*TINY, "--devices", "1,2", "--batch-per-device", "2", "--steps", "1"]
+    scaling.main([*argv, "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["devices"] for r in rows] == [1, 2]
+    assert [r["batch"] for r in rows] == [2, 4]  # the global batch grows with the devices
+    assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
+    np.testing.assert_allclose(rows[1]["efficiency"], rows[1]["speedup"] / 2)
+    assert "simulated CPU devices" in capsys.readouterr().out
