@@ -245,7 +245,7 @@ def xla_flops(compiled) -> float | None:
     """FLOPs of a compiled executable by XLA's cost analysis (None if the backend has none)."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 -- some backends do not implement it
+    except Exception:  # some backends do not implement it
         return None
     if isinstance(cost, Sequence) and not isinstance(cost, dict):
         cost = cost[0] if cost else None
@@ -296,3 +296,11 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def main(args, run: Callable[[Any], dict], report: Callable[[dict], str]) -> dict:
+    """Every benchmark's entry point: run, print the Markdown report, write `--json`."""
+    result = run(args)
+    print(report(result), flush=True)
+    write_json(args.json, result)
+    return result

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402 -- benchmarks/ is not a package
+import common  # benchmarks/ is not a package: found via sys.path
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = (
@@ -127,11 +127,7 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = run(args)
-    print(report(result), flush=True)
-    common.write_json(args.json, result)
-    return result
+    return common.main(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

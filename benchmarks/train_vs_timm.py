@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402 -- benchmarks/ is not a package
+import common  # benchmarks/ is not a package: found via sys.path
 
 COLUMNS = ("impl", "img_s", "cpu_img_s", "step_s", "step_cpu_s", "cpu_util", "compile_s", "loss")
 
@@ -187,11 +187,7 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = run(args)
-    print(report(result), flush=True)
-    common.write_json(args.json, result)
-    return result
+    return common.main(parse_args(argv), run, report)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def launch_commands(
             commands.append(f"sbatch --job-name={shlex.quote(run.name)} launch/slurm.sbatch {args}")
         else:
             if not all(tpu):
-                raise ValueError(f"--cluster tpu needs --tpu_name, --tpu_zone and --tpu_type: {tpu}")
+                raise ValueError(f"--cluster tpu needs --tpu_name, --tpu_zone, --tpu_type: {tpu}")
             pod = " ".join(shlex.quote(t) for t in tpu)
             commands.append(f"launch/tpu_pod.sh {pod} -- {args}")
     return commands
@@ -307,11 +307,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--launch must be one of {LAUNCH_MODES}, got {_LAUNCH.value!r}")
     try:
         runs = expand(_CONFIG.value)
+        write_manifest(_WORKDIR.value, _CONFIG.value, runs)  # for `bgjax aggregate`
         if _LAUNCH.value == "print":
             tpu = (_TPU_NAME.value, _TPU_ZONE.value, _TPU_TYPE.value)
             print("\n".join(launch_commands(_WORKDIR.value, runs, _CLUSTER.value, tpu)))
             return
-        write_manifest(_WORKDIR.value, _CONFIG.value, runs)
         status = run_local(_WORKDIR.value, runs)
     except (FileNotFoundError, ValueError) as e:
         print(f"bgjax sweep: error: {e}", file=sys.stderr)

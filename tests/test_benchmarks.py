@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -15,17 +14,20 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
-    """A benchmarks/ script as a module (the folder is not a package)."""
+    """A benchmarks/ script as a module (the folder is not a package; the scripts find their
+    `common` module on sys.path, as when run directly)."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module_name = f"bgjax_benchmarks_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-common = _load("common")
 throughput = _load("train_throughput")
+common = sys.modules["common"]  # the copy the scripts imported
 scaling = _load("scaling")
 TINY = ["--arch", "tiny_vit", "--size", "32"]
 
@@ -52,7 +54,7 @@ def test_peak_table_by_device_kind():
 
 
 def test_model_flops_are_six_macs_at_224_only():
-    assert throughput.model_flops_per_image("vit_base_patch16_224", 224) == 6 * 17.58e9
+    assert throughput.model_flops_per_image("vit_base_patch16_224", 224) == pytest.approx(105.48e9)
     assert throughput.model_flops_per_image("vit_base_patch16_224", 160) is None
     assert throughput.model_flops_per_image("tiny_vit", 224) is None
 
@@ -85,34 +87,6 @@ def test_unknown_tiny_arch_is_a_clear_error():
 # ---------------------------------------------------------------------- end to end
 
 
-def test_train_step_compiles_once():
-    """The benchmarks time the AOT-compiled step; the trainer's jitted step must not recompile
-    between steps either (output shardings pinned), or its throughput would differ."""
-    from bgjax import parallel
-
-    config = common.train_config("tiny_vit", batch=4, size=32)
-    mesh = parallel.make_mesh([("data", 2)], devices=jax.devices()[:2])
-    step = common.build_train_step(config, mesh)
-    assert step.flops is not None and step.flops > 0
-    batches = common.device_batches(common.host_batches(4, 32, 9), mesh)
-    compiles, listening = [], [True]
-
-    def listener(event, _seconds, **_):
-        if listening[0] and "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        state, _ = step.jitted(step.state, next(batches))
-        first = len(compiles)
-        for _ in range(2):
-            state, metrics = step.jitted(state, next(batches))
-        jax.block_until_ready(metrics)
-    finally:
-        listening[0] = False
-    assert first <= 1 and len(compiles) == first
-
-
 def test_train_throughput_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     args = [*TINY, "--batch", "8", "--dtype", "float32", "--steps", "2", "--repeats", "2"]
@@ -133,8 +107,7 @@ def test_train_vs_timm_tiny_cpu(tmp_path, capsys):
     pytest.importorskip("torch")
     compare = _load("train_vs_timm")
     out = tmp_path / "vs_timm.json"
-    argv = ["--arch", "tiny_convnext", "--size", "32", "--batch", "4", "--steps", "2"]
-    compare.main([*argv, "--json", str(out)])
+    compare.main([*TINY, "--batch", "4", "--steps", "2", "--json", str(out)])
     result = json.loads(out.read_text())
     ours, timm = result["rows"]
     assert ours["impl"].startswith("ours") and timm["impl"].startswith("timm")

@@ -148,9 +148,9 @@ def test_info_agrees_with_examples(train):
     assert train.info.image_size == 32 and len(train.info.mean) == len(train.info.std) == 3
 
 
-def test_colours_carry_no_label_or_habitat_information():
-    # Mean object colour per class (and background colour per habitat) agree within sampling
-    # noise: a statistic that would expose any colour cue.
+def test_object_colour_carries_no_label_information():
+    # Mean object colour per class (and per habitat) agree within sampling noise; so does the
+    # background colour per class on the balanced split, where habitats are independent of labels.
     source = _source("test_balanced", image_size=24, test_size=810)
     fg, bg, labels, habitats = [], [], source.info.labels, source.info.habitats
     for i in range(len(source)):
@@ -158,7 +158,8 @@ def test_colours_carry_no_label_or_habitat_information():
         inside = ex["mask"].astype(bool)
         fg.append(ex["image"][inside].mean(0))
         bg.append(ex["image"][~inside].mean(0))
-    for colours, groups in ((np.array(fg), labels), (np.array(bg), habitats)):
+    for colours, groups in ((fg, labels), (fg, habitats), (bg, labels)):
+        colours = np.array(colours)
         means = np.stack([colours[groups == c].mean(0) for c in range(9)])
         stderr = colours.std(0) / np.sqrt(len(colours) / 9)
         assert (np.abs(means - colours.mean(0)) < 4 * stderr).all(), means

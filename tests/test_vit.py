@@ -95,6 +95,20 @@ def test_token_grid_rules(data):
     assert (anyfg == 0).any() and (centre < anyfg).any() and (centre == 1).any()
 
 
+def test_cpu_attention_equals_jax_attention():
+    # The CPU path (heads-first einsums) computes what jax.nn.dot_product_attention does.
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32) for _ in range(3))
+    keys = rng.random((2, 7)) > 0.4
+    keys[:, 0] = True
+    for mask in (None, jnp.asarray(keys)[:, None, None, :]):
+        np.testing.assert_allclose(
+            vit.attention_heads_first(q, k, v, mask),
+            jax.nn.dot_product_attention(q, k, v, mask=mask),
+            atol=1e-6,
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # Masking semantics.
 

@@ -68,8 +68,7 @@ def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False
     )
 
 
-def _shift_multiply_add(x, kernel):
-    """Depthwise 'SAME' correlation as k*k shifted multiply-adds of a padded input."""
+def _taps(x, kernel):
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
     xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
@@ -77,17 +76,19 @@ def _shift_multiply_add(x, kernel):
     for i in range(kh):
         for j in range(kw):
             out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-    # Keeps the k*k multiply-adds ONE loop fusion: XLA:CPU's YNNPACK reduce fusion otherwise
-    # absorbs the chain into the following LayerNorm and materialises every shifted input and
-    # broadcast kernel tap (~5x slower conv + norm).
-    return _fusion_barrier(out)
+    return out
 
 
-def _fusion_barrier(x):
-    """`x`, computed once: a no-op rounding (the dtype's own precision) that XLA does not fuse
-    through. (`lax.optimization_barrier` does not do it on CPU: XLA:CPU removes it first.)"""
-    finfo = jnp.finfo(x.dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
+def _shift_multiply_add(x, kernel):
+    """Depthwise 'SAME' correlation as k*k shifted multiply-adds of a padded input, computed
+    once: XLA fuses elementwise chains into their consumers and recomputes them there, and on
+    CPU this one lands inside the next LayerNorm's YNNPACK reduction (materialising every
+    shifted input) or inside the FFT's layout transposes (k*k strided reads per element): 2-5x
+    slower (BENCHMARKS.md). A conditional is a boundary fusion does not cross; both branches
+    are the same function, so which one runs is irrelevant. (`lax.optimization_barrier` does
+    not help: XLA:CPU removes it before fusion.)"""
+    traced_true = kernel[0, 0, 0, 0] == kernel[0, 0, 0, 0]  # not a constant: the cond stays
+    return jax.lax.cond(traced_true, _taps, _taps, x, kernel)
 
 
 def _fft_size(n: int) -> int:
@@ -135,7 +136,6 @@ def _depthwise_shifted_fwd(x, kernel):
 
 def _depthwise_shifted_bwd(residuals, g):
     x, kernel = residuals
-    g = _fusion_barrier(g)  # read 49 times below: never recompute its producer inside
     dx = _shift_multiply_add(g, kernel[::-1, ::-1])
     dk = _depthwise_kernel_grad(x, g, *kernel.shape[:2]).astype(kernel.dtype)
     return dx, dk

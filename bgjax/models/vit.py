@@ -225,10 +225,27 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # key_mask (B, S) bool: True = attendable; broadcast over heads and queries.
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(  # scale head_dim**-0.5
-            q, k, v, mask=mask, implementation=self.implementation
-        )
+        if self.implementation is None and jax.default_backend() == "cpu":
+            out = attention_heads_first(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(  # scale head_dim**-0.5
+                q, k, v, mask=mask, implementation=self.implementation
+            )
         return self.proj(out.reshape(b, n, d))
+
+
+def attention_heads_first(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(head_dim)) v for (B, T, heads, head_dim) inputs, computed with the
+    heads axis first (as timm does), logits and softmax in float32; `mask` (B, 1, 1, S) True =
+    attendable. On CPU ~25% faster forward + backward than the XLA path of
+    `jax.nn.dot_product_attention`, whose (B, T, N, H) layout costs transposes."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", probs, v), 1, 2)
 
 
 class Mlp(nnx.Module):
