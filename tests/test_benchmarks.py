@@ -118,6 +118,7 @@ def test_train_vs_timm_tiny_cpu(tmp_path, capsys):
     assert "ratio ours/timm" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two subprocesses, each starting JAX and compiling
 def test_scaling_over_two_simulated_devices(tmp_path, capsys):
     out = tmp_path / "scaling.json"
     argv = [*TINY, "--devices", "1,2", "--batch-per-device", "2", "--steps", "1"]
