@@ -24,7 +24,7 @@ while [[ $# -gt 0 && $1 != "--" ]]; do
 done
 [[ $# -gt 0 ]] && shift  # the "--"
 [[ $devices =~ ^[0-9]+$ ]] || usage
-python=${PYTHON:-python}
+python=${PYTHON:-$(command -v python || command -v python3)}
 
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 xla_flags=${XLA_FLAGS:-}

@@ -1,7 +1,9 @@
 """Two processes x 2 CPU devices (launch/local.sh) train like one process x 4 devices."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from bgjax import config_utils, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"{REPO}/configs/synthetic.py:arch=vit,size=tiny"
+# The launcher runs $PYTHON: this interpreter, whether or not its venv is on PATH.
+ENV = dict(os.environ, PYTHON=sys.executable)
 OVERRIDES = ["--config.progress_bar=False", "--config.total_steps=4", "--config.eval.every_steps=2"]
 
 
@@ -26,7 +30,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     cmd = ["bash", "launch/local.sh", "2", "-d", "2", "-l", str(tmp_path / "logs"), "--"]
     cmd += [f"--config={TINY}", f"--workdir={tmp_path / 'two'}", *OVERRIDES]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.log")))
     assert done.returncode == 0, done.stderr + logs[-4000:]
 
@@ -48,7 +52,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_local_launcher_fails_when_a_process_fails(tmp_path):
     cmd = ["bash", "launch/local.sh", "2", "--", f"--config={tmp_path}/missing.py"]
     cmd += [f"--workdir={tmp_path}/w"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode != 0
     assert "missing.py" in done.stdout + done.stderr
 
