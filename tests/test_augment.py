@@ -3,6 +3,7 @@
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image, ImageEnhance
 
 from bgjax.data import augment
 
@@ -130,3 +131,89 @@ def test_register_extension_op():
         np.testing.assert_array_equal(out_image, 255 - augment.resize(image, mask, 40)[0])
     finally:
         del augment._OPS["invert_for_test"]
+
+
+def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Blurred noise: detail at several scales, so resampling kernels can be compared."""
+    noise = np.random.default_rng(seed).random((height // 8 + 2, width // 8 + 2, 3))
+    image = Image.fromarray((noise * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("shape, size", [((60, 80), 96), ((60, 80), 24), ((90, 70), 50)])
+def test_opencv_crop_matches_pil_resize(shape, size):
+    """The cv2 path computes what PIL's resize(box=...) does, up to the resampling kernel: the
+    image within a few grey levels on average, the mask (nearest, pixel centres) the same."""
+    image, mask = _smooth_image(*shape), np.zeros(shape, np.uint8)
+    mask[10:40, 15:50] = 1
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        box = augment.random_resized_crop_box(rng, *shape, scale=(0.2, 1.0))
+        out_image, out_mask = augment.resized_crop(image, mask, box, size)
+        pil_image = Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box)
+        pil_mask = Image.fromarray(mask).resize((size, size), Image.NEAREST, box=box)
+        diff = np.abs(out_image.astype(int) - np.asarray(pil_image))
+        # Area averaging stays < 2 here; unfiltered INTER_LINEAR on the 2.6x downscale reaches
+        # 3.1, a crop one pixel off 11.
+        assert diff.mean() < 2.5, (box, diff.mean())
+        assert np.mean(out_mask != np.asarray(pil_mask)) < 0.005, box
+        assert set(np.unique(out_mask)) <= {0, 1}
+
+
+def test_flip_mirrors_and_bool_masks_resample():
+    image, mask = _smooth_image(40, 48), np.zeros((40, 48), bool)
+    mask[5:30, 4:14] = True
+    box = (3, 2, 41, 36)
+    plain = augment.resized_crop(image, mask, box, 32)
+    flipped = augment.resized_crop(image, mask, box, 32, flip=True)
+    assert plain[1].dtype == np.uint8 and set(np.unique(plain[1])) == {0, 1}
+    np.testing.assert_array_equal(flipped[0], plain[0][:, ::-1])
+    np.testing.assert_array_equal(flipped[1], plain[1][:, ::-1])
+
+
+@pytest.mark.parametrize(
+    "crop", [dict(scale=(0.35, 1.0)), dict(scale=(0.08, 1.0), ratio=(0.5, 2.0)), None]
+)
+def test_min_source_side_keeps_every_crop_downscaled(crop):
+    """From an image whose shorter side is min_source_side, no crop is smaller than the output:
+    decoding reduced to that side (JPEG draft) then only changes the resampling kernel."""
+    size = 32
+    config = dict(random_resized_crop=crop) if crop else dict(flip=True)
+    side = augment.min_source_side(config, size)
+    assert side >= size
+    rng = np.random.default_rng(0)
+    for height, width in [(side, side), (side, 3 * side), (2 * side, side), (side, side + 1)]:
+        for _ in range(200 if crop else 1):
+            x0, y0, x1, y1 = (
+                augment.random_resized_crop_box(rng, height, width, **crop)
+                if crop
+                else (0, 0, width, height)
+            )
+            assert min(x1 - x0, y1 - y0) >= size - 1  # - 1: boxes round to whole pixels
+
+
+def _pil_color_jitter(image, rng, strength):
+    """The reference: PIL's ImageEnhance, as torchvision's ColorJitter applies it to PIL images."""
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    pil = Image.fromarray(image)
+    for i in rng.permutation(3):
+        pil = enhancers[i](pil).enhance(rng.uniform(1.0 - strength, 1.0 + strength))
+    return np.asarray(pil)
+
+
+def test_color_jitter_matches_pil_image_enhance():
+    image = _smooth_image(48, 64)
+    for seed in range(12):
+        ours = augment.color_jitter(image, np.random.default_rng(seed), 0.4, 0.4, 0.4)
+        pil = _pil_color_jitter(image, np.random.default_rng(seed), 0.4)
+        diff = np.abs(ours.astype(int) - pil)
+        assert diff.max() <= 4 and diff.mean() < 0.5, (seed, diff.max(), diff.mean())
+    # Brightness and contrast alone: PIL's pixels exactly.
+    for factor in (0.6, 1.3):
+        pil = Image.fromarray(image)
+        np.testing.assert_array_equal(
+            augment._brightness(image, factor), ImageEnhance.Brightness(pil).enhance(factor)
+        )
+        np.testing.assert_array_equal(
+            augment._contrast(image, factor), ImageEnhance.Contrast(pil).enhance(factor)
+        )

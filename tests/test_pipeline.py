@@ -1,5 +1,11 @@
 """The Grain pipeline: determinism, variants, eval padding, sharding, checkpoints, global arrays."""
 
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
 import grain
 import jax
 import numpy as np
@@ -252,7 +258,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_synthetic_source_through_workers():
-    """The real synthetic source, a mixture with mixed_rand, augmentation, one worker process."""
+    """The real synthetic source, a mixture with mixed_rand, augmentation, two worker processes
+    (each computes its slice of the batches)."""
     source = synthetic.make_source(dict(name="synthetic", image_size=32, train_size=40), "train")
     kwargs = dict(
         variant={"original": 1.0, "mixed_rand": 1.0},
@@ -264,9 +271,26 @@ def test_synthetic_source_through_workers():
         num_epochs=1,
     )
     in_process = rows(batches(pipeline.build(source, **kwargs)))
-    workers = rows(batches(pipeline.build(source, worker_count=1, **kwargs)))
+    workers = rows(batches(pipeline.build(source, worker_count=2, **kwargs)))
     assert in_process["image"].shape == (40, 24, 24, 3)
     for key in in_process:
         np.testing.assert_array_equal(in_process[key], workers[key])
     # One epoch: every example once, so the label multiset is the source's.
     np.testing.assert_array_equal(np.sort(in_process["label"]), np.sort(source.info.labels))
+
+
+def test_pipeline_benchmark_runs_and_reports_every_row(tmp_path):
+    """benchmarks/pipeline.py at its smallest: every row timed, ratios against the reference."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("bgjax_benchmarks_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pipeline.json"
+    args = ["--n", "16", "--batch", "8", "--size", "32", "--workers", "0", "--jitter", "0.2"]
+    bench.main([*args, "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"ours/arrays", "ours/jpeg", "reference/arrays", "reference/jpeg"}
+    for row in results.values():
+        assert row["images"] == 16 and row["img_s_core"] > 0
+        assert math.isfinite(row["ratio_vs_reference"]) and row["ratio_vs_reference"] > 0
