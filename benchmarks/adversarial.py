@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bgjax import config_utils, evaluate, parallel, train
+from bgjax import config_utils, evaluate, parallel, run
 from bgjax import data as data_lib
 from bgjax.analysis import adversarial
 
@@ -44,7 +44,7 @@ def load_model(workdir: str | None, config_arg: str):
     config = config_utils.load_config(f"{REPO}/configs/synthetic.py:{config_arg}")
     info = data_lib.get_source(config.data, "train").info
     mesh = parallel.make_mesh([("data", -1)])
-    model = train.make_model(config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std)
+    model = run.make_model(config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std)
     return model, config, info.mean, info.std, mesh
 
 

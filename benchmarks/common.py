@@ -219,26 +219,23 @@ class TrainStep:
 
 
 def build_train_step(config, mesh) -> TrainStep:
-    """bgjax.train's setup + train step, jitted as `train.train` does (state donated), compiled
-    ahead of time so that its compile time and FLOPs are known before the first step."""
+    """bgjax.train's setup + train step, jitted by `train.jit_train_step` as `train.train` runs
+    it (state donated, ground-truth masks), compiled ahead of time so that its compile time and
+    FLOPs are known before the first step."""
     import jax
 
-    from bgjax import parallel, train
+    from bgjax import run, train
 
     info = benchmark_info(config.data.num_classes)
-    setup = train.make_setup(config, info, mesh)
-    jitted = jax.jit(
-        train.make_train_step(config, setup, info),
-        in_shardings=(setup.shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(setup.shardings, parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
+    setup = run.make_setup(config, info, mesh)
+    jitted = train.jit_train_step(config, setup, info, mesh)
     example = host_batches(config.batch_size, config.data.image_size, 1, count=1)[0]
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
     start = time.perf_counter()
-    compiled = jitted.lower(setup.abstract, abstract_batch).compile()
+    compiled = jitted.lower(setup.abstract, abstract_batch, None).compile()  # no mask params
     compile_s = time.perf_counter() - start
-    return TrainStep(config, mesh, compiled, jitted, setup.init(), compile_s, xla_flops(compiled))
+    step = lambda state, batch: compiled(state, batch, None)
+    return TrainStep(config, mesh, step, jitted, setup.init(), compile_s, xla_flops(compiled))
 
 
 def xla_flops(compiled) -> float | None:

@@ -5,8 +5,8 @@
         --remat block
     python benchmarks/train_throughput.py --arch tiny_vit --batch 8 --size 32 --steps 2  # CPU smoke
 
-The step is `bgjax.train.make_train_step` (AdamW, fp32 parameters, compute in `--dtype`),
-jitted as the trainer does it (state donated, batch sharded over all mesh axes), on a mesh of
+The step is `bgjax.train.jit_train_step` (AdamW, fp32 parameters, compute in `--dtype`),
+the trainer's own jitted step (state donated, batch sharded over all mesh axes), on a mesh of
 the first `--devices` devices. Batches are random uint8 images made on the host and sent to
 the devices `--prefetch` steps ahead (double buffering), so host->device copies overlap the
 compute as in training. Attention is `jax.nn.dot_product_attention`, with the cuDNN fused

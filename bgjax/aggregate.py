@@ -33,7 +33,7 @@ from flax import nnx
 from bgjax import data as data_lib
 from bgjax import evaluate as evaluate_lib
 from bgjax import plots
-from bgjax import train as train_lib
+from bgjax import run as run_lib
 from bgjax import variants as variants_lib
 from bgjax.sweep import final_step
 
@@ -95,11 +95,16 @@ def evaluate_run(
             missing.append(spec)
     if not missing:
         return out
+    config, sources = evaluate_lib.saved_config(workdir), {}
+    for spec in missing:  # every source checked before the model is restored
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        data.update(spec.data)
+        sources[spec.name] = data, get_source(data, spec.split)
+        command = f"evaluation {spec.name!r} of {workdir}"
+        run_lib.require_masks(sources[spec.name][1], spec.variants, config, command=command)
     run = evaluate_lib.restore(workdir, step)
     for spec in missing:
-        data = ml_collections.ConfigDict(run.config.data.to_dict())
-        data.update(spec.data)
-        source = get_source(data, spec.split)
+        data, source = sources[spec.name]
         results = dict(run.metadata(), split=spec.split, eval=spec.name)
         results.update(
             evaluate_lib.score(
@@ -126,7 +131,7 @@ def evaluate_run(
 
 def count_params(config: ml_collections.ConfigDict, num_classes: int) -> int:
     """Parameters of the run's model, from shapes only (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: train_lib.make_model(config, num_classes))
+    abstract = nnx.eval_shape(lambda: run_lib.make_model(config, num_classes))
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 

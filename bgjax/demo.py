@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -208,12 +209,18 @@ def eval_specs(s: Settings) -> list[aggregate.EvalSpec]:
     ]
 
 
+class Interrupted(Exception):
+    """SIGTERM/preemption arrived during a training run: its checkpoint is saved; stop the demo
+    (rather than go on to the next run) so that rerunning the same command resumes it."""
+
+
 def train_if_needed(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Train (or resume) unless the run is finished; True if it trained."""
     sweep.check_same_config(workdir, config)
     if sweep.is_finished(workdir, config.total_steps):
         return False
-    train_lib.train(config, workdir)
+    if train_lib.train(config, workdir)["preempted"]:
+        raise Interrupted(f"interrupted during {workdir}; its checkpoint is saved")
     return True
 
 
@@ -518,6 +525,9 @@ def main(argv: Sequence[str]) -> None:
     workdir = _WORKDIR.value or ("runs/demo_quick" if _QUICK.value else "runs/demo")
     try:
         summary = run_demo(workdir, quick=_QUICK.value)
+    except Interrupted as e:
+        print(f"bgjax demo: {e}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (FileNotFoundError, ValueError) as e:
         print(f"bgjax demo: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -44,7 +44,7 @@ from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags, metrics, parallel, variants
 from bgjax import data as data_lib
 from bgjax import masks as masks_lib
-from bgjax import train as train_lib
+from bgjax import run as run_lib
 from bgjax.data import pipeline
 from bgjax.models import segmenter as segmenter_lib
 
@@ -85,7 +85,7 @@ def make_predict_step(
     def step(state, batch, mask_params):
         model = nnx.merge(graphdef, state)
         images = pipeline.normalize(batch["image"], mean, std)
-        masks = train_lib.masks_for_batch(batch, images, segmenter, mask_params)
+        masks = run_lib.masks_for_batch(batch, images, segmenter, mask_params)
         logits = apply_fn(model, images, masks)
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if table is not None:
@@ -358,8 +358,8 @@ def define_override_flags(argv: Sequence[str], flag_values: flags.FlagValues = f
     """Define a string flag `config.<key>` for each `--config.<key>=value` in `argv`.
 
     The keys are only known from the workdir's config.json, read after flag parsing, so each
-    override is taken as text here and checked and typed by `apply_overrides`. (The trainer's
-    `--config` file flag, imported with `bgjax.train`, stays unset: eval takes no config file.)
+    override is taken as text here and checked and typed by `apply_overrides`. (Eval takes no
+    config file; where `bgjax.train` is imported too, its `--config` file flag stays unset.)
     """
     for arg in argv:
         match = _OVERRIDE_FLAG.match(arg)
@@ -421,6 +421,19 @@ class Restored:
         return os.path.join(self.workdir, "eval", f"step_{self.step}")
 
 
+def saved_config(
+    workdir: str | os.PathLike,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+) -> ml_collections.ConfigDict:
+    """A workdir's config.json with the `--config.*` overrides and `--dataset` applied."""
+    config = apply_overrides(read_config(workdir), overrides or {})
+    if dataset:
+        config.data.name = dataset
+    return config
+
+
 def restore(
     workdir: str | os.PathLike,
     step: int | None = None,
@@ -431,11 +444,9 @@ def restore(
     """Checkpoint `step` (latest if None; a missing one lists the available steps) of a
     training workdir, on the mesh of its config (after `--config.*` overrides)."""
     (step,) = resolve_steps(workdir, step)
-    config = apply_overrides(read_config(workdir), overrides or {})
-    if dataset:
-        config.data.name = dataset
+    config = saved_config(workdir, overrides=overrides, dataset=dataset)
     mesh = parallel.make_mesh(config.mesh)
-    model, _, info = train_lib.restore_model(
+    model, _, info = run_lib.restore_model(
         os.fspath(workdir), step, mesh=mesh, use_ema=config.eval.get("use_ema", False)
     )
     return Restored(
@@ -447,8 +458,8 @@ def restore(
         mean=tuple(info.mean),
         std=tuple(info.std),
         segmenter=None
-        if train_lib.is_segmenter(config)
-        else train_lib.load_mask_source(
+        if run_lib.is_segmenter(config)
+        else run_lib.load_mask_source(
             config.get("mask_source", "gt"),
             image_size=config.data.image_size,
             mean=info.mean,
@@ -557,9 +568,9 @@ def score_segmenter(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     info = dataclasses.replace(source.info, mean=tuple(mean), std=tuple(std))
     step = jax.jit(
-        train_lib.make_eval_step(config, graphdef, info), out_shardings=parallel.replicated(mesh)
+        run_lib.make_eval_step(config, graphdef, info), out_shardings=parallel.replicated(mesh)
     )
-    flat = train_lib.evaluate(step, params, rest, None, source, config, mesh)
+    flat = run_lib.evaluate(step, params, rest, None, source, config, mesh)
     per_variant = {v: {m: flat[f"eval/{v}/{m}"] for m in segmenter_lib.METRICS} for v in names}
     return dict(
         task=masks_lib.SEGMENT_TASK,
@@ -588,15 +599,19 @@ def evaluate_checkpoint(
 
     A segmenter workdir (config.task="segment") is scored by IoU (`score_segmenter`). A
     classifier whose masks come from a segmenter (config.mask_source) is also scored with the
-    ground-truth masks, under `gt_masks`, for comparison."""
+    ground-truth masks, under `gt_masks`, for comparison (when the dataset has masks). A run
+    that needs masks the dataset lacks is refused first (`run.require_masks`)."""
+    config = saved_config(workdir, overrides=overrides, dataset=dataset)
+    segment = run_lib.is_segmenter(config)
+    # A segmenter may train on one dataset and evaluate on another (e.g. IN-9L train, IN-9 eval).
+    data_config = (config.eval.get("data") or config.data) if segment else config.data
+    split = split or default_split(data_config.name)
+    source = data_lib.get_source(data_config, split)
+    run_lib.require_masks(source, variant_names, config, command="bgjax eval")  # before restoring
     run = restore(workdir, step, overrides=overrides, dataset=dataset)
-    config = run.config
     batch_size = batch_size or config.eval.batch_size
-    if train_lib.is_segmenter(config):
-        data_config = config.eval.get("data") or config.data  # e.g. IN-9L train, IN-9 eval
-        split = split or default_split(data_config.name)
-        source = data_lib.get_source(data_config, split)
-        results = dict(run.metadata(), split=split)
+    results = dict(run.metadata(), split=split)
+    if segment:
         results.update(
             score_segmenter(
                 run.model,
@@ -609,31 +624,25 @@ def evaluate_checkpoint(
                 std=run.std,
             )  # fmt: skip
         )
-        out_dir = out_dir or run.out_dir()
-        write_results(results, out_dir)
-        return results
-
-    split = split or default_split(config.data.name)
-    source = data_lib.get_source(config.data, split)
-    results = dict(run.metadata(), split=split)
-    scorer = functools.partial(
-        score,
-        run.model,
-        source,
-        variant_names=variant_names,
-        mesh=run.mesh,
-        batch_size=batch_size,
-        image_size=config.data.image_size,
-        seed=config.seed,  # the trainer's eval seed: the same mixed partners
-        mean=run.mean,
-        std=run.std,
-    )
-    results.update(scorer(segmenter=run.segmenter))
-    if run.segmenter is not None and results["masking"] != "none":
-        with_gt = scorer(segmenter=None)
-        results["gt_masks"] = {k: with_gt[k] for k in ("variants", "bg_gap")}
-    out_dir = out_dir or run.out_dir()
-    write_results(results, out_dir)
+    else:
+        scorer = functools.partial(
+            score,
+            run.model,
+            source,
+            variant_names=variant_names,
+            mesh=run.mesh,
+            batch_size=batch_size,
+            image_size=config.data.image_size,
+            seed=config.seed,  # the trainer's eval seed: the same mixed partners
+            mean=run.mean,
+            std=run.std,
+        )
+        results.update(scorer(segmenter=run.segmenter))
+        with_gt = getattr(source, "has_masks", True) and results["masking"] != "none"
+        if run.segmenter is not None and with_gt:
+            gt = scorer(segmenter=None)
+            results["gt_masks"] = {k: gt[k] for k in ("variants", "bg_gap")}
+    write_results(results, out_dir or run.out_dir())
     return results
 
 
@@ -658,8 +667,9 @@ def evaluate_pretrained(
     config = apply_overrides(base, overrides or {}, allow_new=True)
     split = split or default_split(config.data.name)
     mesh = parallel.make_mesh(config.mesh)
-    model = models.from_timm(name, os.fspath(weights))
     source = data_lib.get_source(config.data, split)
+    run_lib.require_masks(source, variant_names, None, command="bgjax eval")
+    model = models.from_timm(name, os.fspath(weights))
     results = dict(
         step=0,
         dataset=config.data.name,

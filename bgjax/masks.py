@@ -162,7 +162,7 @@ def load_segmenter(
     Checks, before restoring anything: the workdir holds a segmenter run, its image size equals
     `image_size` (when given) and it has a checkpoint; each failure names the path or sizes.
     """
-    from bgjax import train  # the trainer owns the checkpoint layout; imported only when used
+    from bgjax import run  # imported when used: bgjax.run imports this module
 
     workdir = epath.Path(workdir)
     config, _ = read_segmenter_config(workdir)
@@ -175,7 +175,7 @@ def load_segmenter(
             f"segmenter workdir {workdir} has no checkpoint in {ckpt_dir}: train it first "
             f"(bgjax train --config configs/segmenter.py --workdir {workdir})"
         )
-    return train.restore_model(str(workdir), step=step, mesh=mesh)
+    return run.restore_model(str(workdir), step=step, mesh=mesh)
 
 
 def load(

@@ -14,16 +14,13 @@ saves at the next step boundary and exits 0.
 Workdir: config.json (the resolved config), dataset_info.json (classes, normalisation),
 metrics.jsonl (+ TensorBoard events when tensorboardX is installed), checkpoints/<step>/.
 
-For evaluation and demos: `restore_model(workdir, step=None | "best" | int, mesh=None,
-use_ema=None)` -> (model, config, info) without the optimizer state; `make_model(config,
-num_classes)`, `load_mask_source` / `masks_for_batch` (where masks come from), `make_train_step`,
-`make_eval_step`, `evaluate`.
+Here: the loss, batch mixing and the train step (`make_train_step`, `jit_train_step`), the loop
+and the command line. What evaluation shares with training (the model, the state layout, the
+evaluation loop, `restore_model`) is in the flag-free `bgjax.run`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import sys
 import time
@@ -40,9 +37,10 @@ from etils import epath
 from flax import nnx
 
 from bgjax import checkpoint as checkpoint_lib
-from bgjax import clflags, config_utils, models, optim, parallel
+from bgjax import clflags, config_utils, parallel
 from bgjax import data as data_lib
 from bgjax import masks as masks_lib
+from bgjax import run as run_lib
 from bgjax.data import pipeline
 from bgjax.models import segmenter as segmenter_lib
 
@@ -55,79 +53,13 @@ _COORDINATOR = clflags.string(
 _NUM_PROCESSES = clflags.integer("num_processes", None, "env BGJAX_NUM_PROCESSES.")
 _PROCESS_ID = clflags.integer("process_id", None, "env BGJAX_PROCESS_ID.")
 
-# config.model keys the trainer consumes; every other key goes to the model constructor.
-_TRAINER_MODEL_KEYS = ("name", "frozen_backbone", "init", "dtype")
-
-
 # ---------------------------------------------------------------------------------------------
-# Model
-
-
-def make_model(
-    config: ml_collections.ConfigDict,
-    num_classes: int,
-    *,
-    pixel_mean: Sequence[float] | None = None,
-    pixel_std: Sequence[float] | None = None,
-    rngs: nnx.Rngs | None = None,
-) -> nnx.Module:
-    """`config.model` -> a model. Early masking fills with black in the dataset's normalisation."""
-    mcfg = config.model
-    overrides = {k: v for k, v in mcfg.items() if k not in _TRAINER_MODEL_KEYS}
-    overrides["dtype"] = jnp.dtype(mcfg.get("dtype", "float32"))
-    if pixel_mean is not None:
-        overrides.setdefault("pixel_mean", tuple(pixel_mean))
-        overrides.setdefault("pixel_std", tuple(pixel_std))
-    rngs = rngs or nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    if is_segmenter(config):  # the encoder is config.model.name; no classes
-        return segmenter_lib.create(mcfg.name, rngs=rngs, **overrides)
-    return models.create(mcfg.name, num_classes, rngs=rngs, **overrides)
-
-
-def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
-    """Everything the optimizer updates: all params, or the model's frozen-backbone subset."""
-    return model.frozen_backbone_filter() if config.model.frozen_backbone else nnx.Param
-
-
-def load_mask_source(
-    mask_source: str,
-    *,
-    image_size: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-) -> masks_lib.MaskSource | None:
-    """None for "gt" (the batch's masks), else the segmenter of the workdir `mask_source`
-    (`bgjax.masks.load`: checked against the classifier's image size and normalisation)."""
-    if mask_source == masks_lib.GT:
-        return None
-    if image_size is None or mean is None or std is None:
-        raise ValueError(f"mask_source={mask_source!r} needs the image_size/mean/std it serves")
-    return masks_lib.load(mask_source, image_size=image_size, mean=mean, std=std, mesh=mesh)
-
-
-def masks_for_batch(batch: Mapping[str, jax.Array], images: jax.Array, source=None, params=None):
-    """The foreground masks the model sees: the batch's own, or the mask source's prediction
-    from classifier-normalised `images` (`params`: the segmenter's, an argument of the jitted
-    step; default: `source.params`)."""
-    if source is None or source.is_gt:
-        return batch["mask"]
-    return source.predict(source.params if params is None else params, images)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tasks: "classify" (default) or "segment" (the foreground segmenter of configs/segmenter.py,
-# whose workdir then serves as another run's config.mask_source). They differ in the model,
-# the target, the loss and the evaluation counts; everything else is shared.
-
-
-def is_segmenter(config: ml_collections.ConfigDict) -> bool:
-    return config.get("task", "classify") == masks_lib.SEGMENT_TASK
+# Tasks (see `bgjax.run`): the classifier's and the segmenter's losses and accuracies.
 
 
 def task_loss(config, logits, targets):
     """Soft-label cross-entropy, or BCE (+ Dice) against the (B, H, W) foreground masks."""
-    if is_segmenter(config):
+    if run_lib.is_segmenter(config):
         dice = config.loss.get("dice_weight", 0.0)
         return segmenter_lib.segmentation_loss(logits, targets, dice_weight=dice)
     return optax.softmax_cross_entropy(logits, targets).mean()
@@ -135,99 +67,12 @@ def task_loss(config, logits, targets):
 
 def task_accuracy(config, logits, labels):
     """Top-1 accuracy, or pixel accuracy of the segmenter."""
-    if is_segmenter(config):
+    if run_lib.is_segmenter(config):
         return jnp.mean(segmenter_lib.predict_mask(logits) == labels)
     return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def eval_counts(config, logits, batch) -> dict[str, jax.Array]:
-    """Counts over the valid rows of a batch, summed over the evaluation set."""
-    if is_segmenter(config):
-        pred = segmenter_lib.predict_mask(logits)
-        return segmenter_lib.confusion_counts(pred, batch["mask"], batch["valid"])
-    hits = (jnp.argmax(logits, -1) == batch["label"]) & batch["valid"]
-    return dict(correct=hits.sum(), count=batch["valid"].sum())
-
-
-def eval_metrics(config, totals: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Summed counts -> {accuracy}, or the segmenter's {fg_iou, bg_iou, miou, pixel_accuracy}."""
-    if is_segmenter(config):
-        return segmenter_lib.iou_metrics(totals)
-    return {"accuracy": float(totals["correct"]) / max(1, int(totals["count"]))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Train state: a dict pytree of step, params (trainable), rest (frozen params, RNG streams),
-# opt_state, rng (key data) and optionally ema (a copy of params).
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything static about a run's state: how to build it, its layout, its optimizer."""
-
-    graphdef: Any
-    trainable: Any
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    init: Callable[[], dict]  # jitted; returns the state laid out as `shardings`
-    abstract: dict  # ShapeDtypeStructs carrying the shardings (restore target)
-    shardings: dict
-
-
-def make_setup(
-    config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh
-) -> Setup:
-    create = functools.partial(
-        make_model, config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std
-    )
-    abstract_model = nnx.eval_shape(create)
-    trainable = trainable_filter(abstract_model, config)
-    graphdef, _, _ = nnx.split(abstract_model, trainable, ...)
-    tx, schedule = optim.make(config.optimizer, config.total_steps)
-    use_ema = config.optimizer.get("ema_decay", 0.0) > 0
-
-    def init() -> dict:
-        _, params, rest = nnx.split(create(), trainable, ...)
-        state = dict(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            rest=rest,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(config.seed + 2)),
-        )
-        if use_ema:
-            state["ema"] = params
-        return state
-
-    abstract = jax.eval_shape(init)
-    repl = parallel.replicated(mesh)
-    params_sh = parallel.state_shardings(abstract["params"], mesh)
-    shardings = dict(
-        step=repl,
-        params=params_sh,
-        rest=parallel.state_shardings(abstract["rest"], mesh),
-        opt_state=parallel.mirror_shardings(
-            abstract["opt_state"], abstract["params"], params_sh, mesh
-        ),
-        rng=repl,
-    )
-    if use_ema:
-        shardings["ema"] = params_sh
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
-    return Setup(
-        graphdef=graphdef,
-        trainable=trainable,
-        tx=tx,
-        schedule=schedule,
-        init=jax.jit(init, out_shardings=shardings),
-        abstract=abstract,
-        shardings=shardings,
-    )
-
-
-def load_init_weights(state: dict, setup: Setup, path: str) -> dict:
+def load_init_weights(state: dict, setup: run_lib.Setup, path: str) -> dict:
     """Params from a timm-format checkpoint: a classifier's (a head of another class count stays
     as initialised) or, for a segmenter, its encoder's."""
     from bgjax.models import timm_io
@@ -300,7 +145,7 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    setup: Setup,
+    setup: run_lib.Setup,
     info: data_lib.DatasetInfo,
     mask_source: masks_lib.MaskSource | None = None,
 ) -> Callable[[dict, dict, Any], tuple[dict, dict]]:
@@ -310,7 +155,7 @@ def make_train_step(
     accum = int(ocfg.get("grad_accum", 1))
     ema_decay = float(ocfg.get("ema_decay", 0.0))
     masked = config.model.masking != "none"
-    segment = is_segmenter(config)
+    segment = run_lib.is_segmenter(config)
     graphdef, trainable = setup.graphdef, setup.trainable
 
     def loss_fn(params, rest, images, masks, targets):
@@ -324,7 +169,7 @@ def make_train_step(
     def train_step(state: dict, batch: dict, mask_params: Any = None) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = masks_for_batch(batch, images, mask_source, mask_params) if masked else None
+        masks = run_lib.masks_for_batch(batch, images, mask_source, mask_params) if masked else None
         if segment:  # the target is the mask itself: nothing to smooth or mix
             targets = labels = batch["mask"]
         else:
@@ -380,47 +225,28 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(config: ml_collections.ConfigDict, graphdef, info, mask_source=None):
-    """(params, rest, batch, mask-source params) -> summable counts (`eval_counts`)."""
-    masked = config.model.masking != "none"
-
-    def eval_step(params, rest, batch, mask_params=None):
-        model = nnx.merge(graphdef, params, rest)
-        images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = masks_for_batch(batch, images, mask_source, mask_params) if masked else None
-        return eval_counts(config, model(images, mask=masks, train=False), batch)
-
-    return eval_step
-
-
-def evaluate(
-    eval_step: Callable,
-    params,
-    rest,
-    mask_params,
-    source,
+def jit_train_step(
     config: ml_collections.ConfigDict,
+    setup: run_lib.Setup,
+    info: data_lib.DatasetInfo,
     mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """`eval_metrics` on `source` under each of config.eval.variants: {eval/<variant>/<name>}."""
-    results = {}
-    for variant in config.eval.variants:
-        ds = pipeline.build(
-            source,
-            variant=variant,
-            batch_size=config.eval.batch_size,
-            image_size=config.data.image_size,
-            train=False,
-            seed=config.seed,
-            num_devices=mesh.size,
-        )
-        totals = None
-        for batch in ds:
-            counts = eval_step(params, rest, pipeline.to_global(batch, mesh), mask_params)
-            totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-        for name, value in eval_metrics(config, parallel.fetch(totals)).items():
-            results[f"eval/{variant}/{name}"] = value
-    return results
+    mask_source: masks_lib.MaskSource | None = None,
+) -> Callable[[dict, dict, Any], tuple[dict, dict]]:
+    """`make_train_step` jitted as the trainer runs it (benchmarks time this very function):
+    the state donated and laid out as `setup.shardings`, the batch split over `mesh`, the
+    mask-source params where they already are, metrics replicated.
+    Call: `state, metrics = step(state, global_batch, mask_params)` (None without a segmenter)."""
+    mask_params = None if mask_source is None else mask_source.params
+    return jax.jit(
+        make_train_step(config, setup, info, mask_source),
+        in_shardings=(
+            setup.shardings,
+            parallel.batch_sharding(mesh),
+            jax.tree.map(lambda x: x.sharding, mask_params),
+        ),
+        out_shardings=(setup.shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,26 +316,12 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     for key in ("total_steps", "log_every_steps"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if is_segmenter(config) and (config.loss.mixup_alpha or config.loss.cutmix_alpha):
+    if run_lib.is_segmenter(config) and (config.loss.mixup_alpha or config.loss.cutmix_alpha):
         raise ValueError("task='segment' trains on masks: set loss.mixup_alpha/cutmix_alpha to 0")
     if config.checkpoint.every_steps <= 0:
         raise ValueError(
             f"checkpoint.every_steps must be positive: {config.checkpoint.every_steps}"
         )
-
-
-def _dataset_info_json(info: data_lib.DatasetInfo) -> str:
-    return json.dumps(
-        dict(
-            name=info.name,
-            class_names=list(info.class_names),
-            habitat_names=None if info.habitat_names is None else list(info.habitat_names),
-            image_size=info.image_size,
-            mean=list(info.mean),
-            std=list(info.std),
-        ),
-        indent=2,
-    )
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -523,6 +335,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Data: this process's shard of the training stream; the source's info sizes the model.
     train_source = data_lib.get_source(config.data, "train")
     info = train_source.info
+    train_variants = run_lib.variant_names(config.train_variant)
+    run_lib.require_masks(train_source, train_variants, config, command="bgjax train")
+    eval_every = config.eval.every_steps
+    if eval_every:
+        eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
+        run_lib.require_masks(eval_source, config.eval.variants, config, command="bgjax train")
     train_iter = iter(
         pipeline.build(
             train_source,
@@ -539,10 +357,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "dataset_info.json").write_text(_dataset_info_json(info))
+        (workdir / "dataset_info.json").write_text(run_lib.dataset_info_json(info))
 
     # Model + optimizer: shapes and shardings first; arrays only when nothing can be restored.
-    setup = make_setup(config, info, mesh)
+    setup = run_lib.make_setup(config, info, mesh)
     ckpt_cfg = config.checkpoint
     ckpt = checkpoint_lib.Checkpointer(
         workdir / "checkpoints",
@@ -562,7 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if config.model.init:
             state = load_init_weights(state, setup, config.model.init)
 
-    mask_source = load_mask_source(
+    mask_source = run_lib.load_mask_source(
         config.mask_source,
         image_size=config.data.image_size,
         mean=info.mean,
@@ -570,19 +388,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mesh=mesh,
     )
     mask_params = None if mask_source is None else mask_source.params
-    mask_sh = jax.tree.map(lambda x: x.sharding, mask_params)
+    train_step = jit_train_step(config, setup, info, mesh, mask_source)
     repl = parallel.replicated(mesh)
-    train_step = jax.jit(
-        make_train_step(config, setup, info, mask_source),
-        in_shardings=(setup.shardings, parallel.batch_sharding(mesh), mask_sh),
-        out_shardings=(setup.shardings, repl),
-        donate_argnums=0,
-    )
-    eval_every = config.eval.every_steps
     if eval_every:
-        eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
         eval_step = jax.jit(
-            make_eval_step(config, setup.graphdef, info, mask_source), out_shardings=repl
+            run_lib.make_eval_step(config, setup.graphdef, info, mask_source), out_shardings=repl
         )
     eval_params = "ema" if config.eval.use_ema and "ema" in setup.abstract else "params"
 
@@ -615,7 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress.update(step - progress.n)
                     eval_metrics = None
                     if do_eval:
-                        eval_metrics = evaluate(
+                        eval_metrics = run_lib.evaluate(
                             eval_step, state[eval_params], state["rest"], mask_params,
                             eval_source, config, mesh,
                         )  # fmt: skip
@@ -651,65 +461,6 @@ def _progress_bar(config, start: int, enabled: bool):
         unit="step",
         dynamic_ncols=True,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a trained model (evaluation, demos)
-
-
-def restore_model(
-    workdir: str,
-    step: int | str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    use_ema: bool | None = None,
-) -> tuple[nnx.Module, ml_collections.ConfigDict, data_lib.DatasetInfo]:
-    """(model, config, info) from a training workdir, without the optimizer state.
-
-    step: None = the latest checkpoint, "best" = the best by config.checkpoint.best_metric, or
-    an int. mesh: where to place the parameters (default: data-parallel over all devices).
-    use_ema: take the EMA weights (default: config.eval.use_ema when the run kept an EMA).
-    `info` is a `DatasetInfo` with the classes and normalisation the model was trained with
-    (labels empty): normalise inputs with `pipeline.normalize(images, info.mean, info.std)`.
-    """
-    workdir = epath.Path(workdir)
-    for name in ("config.json", "dataset_info.json"):
-        if not (workdir / name).exists():
-            raise FileNotFoundError(f"{workdir / name} not found: is {workdir} a training workdir?")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    meta = json.loads((workdir / "dataset_info.json").read_text())
-    info = data_lib.DatasetInfo(
-        name=meta["name"],
-        split="train",
-        class_names=tuple(meta["class_names"]),
-        labels=np.zeros((0,), np.int32),
-        habitat_names=None if meta["habitat_names"] is None else tuple(meta["habitat_names"]),
-        image_size=meta["image_size"],
-        mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]),
-    )
-    mesh = mesh or parallel.make_mesh([("data", -1)])
-    setup = make_setup(config, info, mesh)
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir / "checkpoints",
-        best_metric=config.checkpoint.best_metric,
-        best_mode=config.checkpoint.best_mode,
-        read_only=True,
-    )
-    try:
-        chosen = ckpt.best_step() if step == "best" else step
-        chosen = ckpt.latest_step() if chosen is None else chosen
-        if chosen is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
-        if use_ema is None:
-            use_ema = bool(config.eval.get("use_ema", False))
-        weights = "ema" if use_ema and "ema" in setup.abstract else "params"
-        names = (weights, "rest")
-        restored = ckpt.restore_partial(chosen, {k: setup.abstract[k] for k in names})
-    finally:
-        ckpt.close()
-    model = nnx.merge(setup.graphdef, restored[weights], restored["rest"])
-    logging.info("restored %s (%s) from %s step %s", config.model.name, weights, workdir, chosen)
-    return model, config, info
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 
 Data: the released folder (`data.root`, metadata.csv) or made on the fly from CUB + Places
 (`data.cub_root` + `data.places_root`, see bgjax/data/waterbirds.py); the masks need CUB's
-segmentations (`data.cub_root` / `data.segmentations`), early/late masking is meaningless without.
+segmentations (`data.cub_root` / `data.segmentations`): without them `bgjax train` / `bgjax eval`
+refuse masking with mask_source="gt" and every variant but "original".
 
 arch:      convnext | vit           size: tiny (tests) | small | base
 strategy:  none | early | late | attn (ViT)

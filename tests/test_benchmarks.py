@@ -84,6 +84,28 @@ def test_unknown_tiny_arch_is_a_clear_error():
         common.model_kwargs("tiny_resnet", 32)
 
 
+def test_benchmark_times_the_trainers_jitted_step(monkeypatch):
+    """`build_train_step` compiles `train.jit_train_step` itself, so the state is donated."""
+    import jax
+
+    from bgjax import parallel, train
+    from bgjax.data import pipeline
+
+    built = []
+    jit_train_step = train.jit_train_step
+    monkeypatch.setattr(
+        train, "jit_train_step", lambda *a, **k: built.append(a) or jit_train_step(*a, **k)
+    )
+    config = common.train_config("tiny_vit", batch=4, size=32)
+    mesh = parallel.make_mesh([("data", -1)])
+    step = common.build_train_step(config, mesh)
+    assert len(built) == 1 and built[0][0] is config and built[0][3] is mesh
+    batch = pipeline.to_global(common.host_batches(4, 32, 9, count=1)[0], mesh)
+    state, metrics = step.step(step.state, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(step.state["params"]))  # donated
+    assert int(state["step"]) == 1 and np.isfinite(float(metrics["loss"]))
+
+
 # ---------------------------------------------------------------------- end to end
 
 

@@ -11,10 +11,11 @@ from parity_utils import (
     require_timm,
     state_dict_numpy,
     timm_model,
+    torch_forward,
 )
 
 from bgjax import models
-from bgjax.models import convnext, masking
+from bgjax.models import convnext, masking, timm_io
 
 # One small architecture for everything but parity. Equal widths keep the number of distinct
 # parameter shapes (one initialiser compile each) low; the grouped depthwise conv compiles much
@@ -87,6 +88,21 @@ def test_parity_with_timm(name, kwargs):
     ours = models.from_timm(name, state_dict_numpy(torch_model), **kwargs)
     assert ours.num_classes == 7
     _check_parity(torch_model, ours, random_images(2, SIZE, seed=0))
+
+
+@pytest.mark.parity
+def test_num_classes_0_is_timms_headless_model():
+    """timm's num_classes=0: no `head.fc`, the call returns the normalised pooled features."""
+    arch = {k: TINY[k] for k in ("depths", "dims", "ls_init_value")}
+    torch_model = randomize_torch_model(timm_model("convnext_tiny", num_classes=0, **arch))
+    weights = state_dict_numpy(torch_model)
+    ours = models.from_timm("convnext_tiny", weights, num_classes=0, **TINY)
+    assert ours.head.fc is None and "head.norm.weight" in weights
+    assert set(timm_io.to_timm_state_dict(ours)) == set(weights)  # no zero-size classifier
+    x = random_images(2, SIZE, seed=3)
+    features = np.asarray(_run(ours, jnp.asarray(x))[0])
+    np.testing.assert_allclose(features, torch_forward(torch_model, x), atol=1e-4, rtol=1e-4)
+    assert features.shape == (2, TINY["dims"][-1])
 
 
 @pytest.fixture(scope="module")

@@ -142,3 +142,89 @@ def test_places_layouts_and_missing_category(trees, tmp_path):
     shutil.rmtree(tmp_path / "p/bamboo_forest")
     with pytest.raises(FileNotFoundError, match="'bamboo_forest'"):
         places.PlacesBackgrounds(tmp_path / "p")
+
+
+# ------------------------------------------------------------ runs that need the missing masks
+
+
+def _run_config(trees, **model):
+    """A tiny Waterbirds config on the release without cub_root (no masks)."""
+    from bgjax import config_utils
+
+    config = config_utils.base_config()
+    config_utils.set_tiny(config, "vit")
+    config.data = ConfigDict(dict(name="waterbirds", root=str(trees["release"]), image_size=32))
+    config.model.update(model)
+    return config
+
+
+@pytest.mark.parametrize(
+    "change, fault",
+    [
+        (dict(masking="early"), "model.masking='early' with mask_source='gt'"),
+        (dict(masking="late"), "model.masking='late'"),
+        (dict(train_variant="mixed_rand"), "the variants mixed_rand"),
+        (dict(train_variant={"original": 0.5, "only_fg": 0.5}), "the variants only_fg"),
+        (dict(task="segment"), "task='segment'"),
+    ],
+)
+def test_train_refuses_runs_needing_masks_up_front(trees, tmp_path, change, fault):
+    from bgjax import train
+
+    config = _run_config(trees)
+    with config.ignore_type():  # train_variant may become a dict
+        for key, value in change.items():
+            node = config.model if key == "masking" else config
+            node[key] = value
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as error:
+        train.train(config, str(workdir))
+    message = str(error.value)
+    assert message.startswith("bgjax train: dataset 'waterbirds' (train split) has no foreground")
+    assert fault in message and "data.cub_root" in message
+    assert not workdir.exists()  # refused up front: nothing written
+
+
+def test_require_masks_accepts_what_needs_no_dataset_masks(trees):
+    from bgjax import run
+
+    plain = get_source(ConfigDict(dict(name="waterbirds", root=str(trees["release"]))), "val")
+    config = _run_config(trees, masking="early")
+    with pytest.raises(ValueError, match="cub_root.*; or, for masking, .*segmenter workdir"):
+        run.require_masks(plain, ["original"], config, command="bgjax eval")
+    run.require_masks(plain, ["original"], _run_config(trees), command="bgjax eval")  # plain
+    config.mask_source = str(trees["release"])  # any segmenter workdir: masks are predicted
+    run.require_masks(plain, ["original"], config, command="bgjax eval")
+    with pytest.raises(ValueError, match="variants no_fg, mixed_same .only 'original'"):
+        run.require_masks(plain, ["original", "no_fg", "mixed_same"], config, command="x")
+    masked = waterbirds.WaterbirdsRelease(trees["release"], "val", cub_root=trees["cub"])
+    run.require_masks(
+        masked, ["original", "no_fg"], _run_config(trees, masking="late"), command="x"
+    )
+
+
+def test_eval_refuses_before_restoring(trees, tmp_path):
+    """`bgjax eval` checks the data before reading any checkpoint (the workdir has none)."""
+    from bgjax import evaluate
+
+    config = _run_config(trees, masking="attn")
+    (tmp_path / "config.json").write_text(config.to_json())
+    with pytest.raises(ValueError, match=r"bgjax eval: dataset 'waterbirds' \(test split\)"):
+        evaluate.evaluate_checkpoint(tmp_path, variant_names=("original",))
+    with pytest.raises(ValueError, match="the variants only_bg_t"):
+        evaluate.evaluate_pretrained(
+            "vit_tiny_patch16_224", tmp_path / "none.safetensors", "waterbirds",
+            out_dir=tmp_path / "out", variant_names=("original", "only_bg_t"),
+            overrides={"data.root": str(trees["release"])},
+        )  # fmt: skip
+
+
+def test_aggregate_refuses_before_restoring(trees, tmp_path, monkeypatch):
+    """Sweeps and the demo evaluate through `aggregate.evaluate_run`: the same check, first."""
+    from bgjax import aggregate
+
+    (tmp_path / "config.json").write_text(_run_config(trees, masking="early").to_json())
+    monkeypatch.setattr(aggregate.evaluate_lib, "restore", lambda *a, **k: pytest.fail("restored"))
+    spec = aggregate.EvalSpec("iid", "test", ("original",))
+    with pytest.raises(ValueError, match=r"evaluation 'iid' of .*: dataset 'waterbirds' \(test"):
+        aggregate.evaluate_run(tmp_path, [spec], step=1)

@@ -24,6 +24,8 @@ from flax import nnx
 from bgjax import evaluate, metrics, parallel, variants
 from bgjax.data import DatasetInfo
 
+REPO = Path(__file__).resolve().parents[1]
+
 SIZE, BATCH = 16, 8
 CENTRE, CORNER = (8, 8), (0, 0)
 # 22 examples: not a multiple of the batch (8) nor of the device count (4).
@@ -313,9 +315,19 @@ def test_override_flags_are_collected():
     assert evaluate.override_flag_values(fv) == {"data.image_size": "64", "seed": "3"}
 
 
-# ------------------------------------------------------------------------------ end to end
+def test_evaluation_and_analyses_do_not_import_the_trainer():
+    """`bgjax eval` and the analyses restore models through the flag-free `bgjax.run`."""
+    code = (
+        "import sys; from absl import flags; import bgjax.run; "
+        "assert 'config' not in flags.FLAGS and 'workdir' not in flags.FLAGS; "
+        "import bgjax.evaluate, bgjax.analysis.adversarial, bgjax.analysis.compare, "
+        "bgjax.analysis.saliency; assert 'bgjax.train' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
 
-REPO = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------ end to end
 
 
 @pytest.fixture(scope="module")

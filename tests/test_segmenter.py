@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bgjax import config_utils, evaluate, masks, models, parallel, train
+from bgjax import config_utils, evaluate, masks, models, parallel, run, train
 from bgjax import data as data_lib
 from bgjax.data import pipeline
 from bgjax.models import segmenter as seg
@@ -267,7 +267,7 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
     source = data_lib.get_source(config.data, "train")
     info = source.info
     mesh = parallel.make_mesh(config.mesh)
-    setup = train.make_setup(config, info, mesh)
+    setup = run.make_setup(config, info, mesh)
     state = setup.init()
     model = nnx.merge(setup.graphdef, state["params"], state["rest"])
     first = pipeline.build(

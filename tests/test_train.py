@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from bgjax import config_utils, parallel, train
+from bgjax import config_utils, parallel, run, train
 from bgjax import data as data_lib
 from bgjax.data import pipeline
 
@@ -40,7 +40,7 @@ def _tiny_config(**overrides):
 def _run_steps(config, mesh, steps=2):
     """Losses of `steps` train steps on `mesh`, and the final params (host copies)."""
     source = data_lib.get_source(config.data, "train")
-    setup = train.make_setup(config, source.info, mesh)
+    setup = run.make_setup(config, source.info, mesh)
     batches = iter(
         pipeline.build(
             source,
@@ -51,15 +51,10 @@ def _run_steps(config, mesh, steps=2):
             num_devices=mesh.size,
         )
     )
-    step = jax.jit(
-        train.make_train_step(config, setup, source.info),
-        in_shardings=(setup.shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(setup.shardings, parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step = train.jit_train_step(config, setup, source.info, mesh)
     state, losses = setup.init(), []
     for _ in range(steps):
-        state, metrics = step(state, pipeline.to_global(next(batches), mesh))
+        state, metrics = step(state, pipeline.to_global(next(batches), mesh), None)
         losses.append(float(parallel.fetch(metrics)["loss"]))
     return losses, jax.tree.map(np.asarray, state["params"]), setup
 
@@ -123,7 +118,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
         assert {"train/loss", "train/lr"} <= _tensorboard_tags(workdir / "tensorboard")
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 4
-    model, restored_config, info = train.restore_model(str(workdir))
+    model, restored_config, info = run.restore_model(str(workdir))
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert restored_config.total_steps == 8 and info.num_classes == 4
 
@@ -158,7 +153,7 @@ def _launch(workdir):
 def _final_params(workdir):
     weights = []
     for use_ema in (False, True):
-        model, _, _ = train.restore_model(str(workdir), use_ema=use_ema)
+        model, _, _ = run.restore_model(str(workdir), use_ema=use_ema)
         weights.append(jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
     return weights
 
@@ -224,7 +219,7 @@ def test_frozen_backbone_trains_and_decays_only_its_subset(masking, trainable_pr
     config = _tiny_config(**{"model.frozen_backbone": True, "model.masking": masking})
     source = data_lib.get_source(config.data, "train")
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
-    setup = train.make_setup(config, source.info, mesh)
+    setup = run.make_setup(config, source.info, mesh)
     prefixes = {
         str(path[0].key)
         for path, _ in jax.tree_util.tree_leaves_with_path(setup.abstract["params"])
@@ -245,10 +240,10 @@ def test_init_from_timm_weights_keeps_a_mismatched_head(tmp_path):
 
     config = _tiny_config()
     source = data_lib.get_source(config.data, "train")
-    donor = train.make_model(config, num_classes=7, rngs=nnx.Rngs(123))
+    donor = run.make_model(config, num_classes=7, rngs=nnx.Rngs(123))
     timm_io.write_safetensors(donor, tmp_path / "donor.safetensors")
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
-    setup = train.make_setup(config, source.info, mesh)
+    setup = run.make_setup(config, source.info, mesh)
     fresh = setup.init()
     state = train.load_init_weights(fresh, setup, str(tmp_path / "donor.safetensors"))
     got = nnx.merge(setup.graphdef, state["params"], state["rest"])

@@ -24,7 +24,7 @@ seed), selected when reading.
 
 Config keys of the registered reader (`config.data`): name="in9l", data_dir (where `bgjax prepare
 in9l` wrote), subset="in9l" | "in9", per_class=None (IN-9 size per class; None = smallest
-class), subset_seed=0. Split "train". GrabCut needs the optional extra `bgjax[opencv]`.
+class), subset_seed=0. Split "train". GrabCut is OpenCV's (a core dependency).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def import_cv2():
         import cv2
     except ImportError as e:
         raise ImportError(
-            "GrabCut foreground masks need OpenCV: pip install 'bgjax[opencv]' "
-            "(opencv-python-headless)"
+            "GrabCut foreground masks need OpenCV (a bgjax dependency): "
+            "pip install opencv-python-headless"
         ) from e
     return cv2
 

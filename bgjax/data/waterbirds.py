@@ -8,7 +8,7 @@ Two modes, chosen by the config:
   bird (> 0; img_filename is the CUB relative path) and the box CUB's annotation. Without it the
   mask is all ones, the box the whole image, `source.has_masks` is False and a warning is logged:
   fine for plain classification and worst-group accuracy, meaningless for early/late masking and
-  the IN-9 variants, which should check `has_masks` and refuse.
+  the IN-9 variants, which `bgjax train` / `bgjax eval` refuse then (`bgjax.run.require_masks`).
 * otherwise (`cub_root` and `places_root`): generated on the fly, deterministically from `seed`,
   by the procedure of the standard generation script (REFERENCE.md §3):
     - a bird is a waterbird if its species name contains one of `WATERBIRD_NAMES`
@@ -163,6 +163,13 @@ class WaterbirdsRelease:
                 "Waterbirds release without cub_root: masks are all ones (source.has_masks=False)"
             )
         self.has_masks = self.cub is not None
+        # What `bgjax.run.require_masks` tells a run that needs masks this source lacks.
+        self.masks_hint = (
+            None
+            if self.has_masks
+            else "set data.cub_root to the CUB-200-2011 folder the release was made from (its "
+            "segmentations are the birds' masks)"
+        )
         self._filenames = filenames
         if label == "species":
             labels, class_names = self._species_of_rows()

@@ -25,49 +25,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DW_IMPLS = ("auto", "shifted", "grouped")
 
 
-def _kernel_init(sharding: tuple[str | None, ...]):
-    """timm's trunc_normal(std=.02), annotated for FSDP.
-
-    No eager sharding: models are also built outside any mesh (tests, conversion), and
-    `bgjax.parallel` places parameters itself, dropping axes the mesh cannot divide.
-    """
-    init = nnx.initializers.truncated_normal(stddev=0.02)
-    return nnx.with_partitioning(init, sharding, eager_sharding=False)
-
-
-def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, like torch: the one-pass E[x^2]-E[x]^2 loses ~1e-4 on large activations.
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
-
-
-def _conv(cin: int, cout: int, size: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
-    """A non-overlapping size×size/size convolution (stem, downsample, 1×1 conv-MLP)."""
-    sharding = (None, None, "fsdp", None) if shard_in else (None, None, None, "fsdp")
-    return nnx.Conv(
-        cin,
-        cout,
-        (size, size),
-        strides=size,
-        padding="VALID",
-        dtype=dtype,
-        kernel_init=_kernel_init(sharding),
-        conv_general_dilated=layers.patch_conv,  # as one matmul (fast on CPU too)
-        rngs=rngs,
-    )
-
-
-def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
-    sharding = ("fsdp", None) if shard_in else (None, "fsdp")
-    return nnx.Linear(
-        cin,
-        cout,
-        dtype=dtype,
-        kernel_init=_kernel_init(sharding),
-        dot_general=layers.rows_dot_general,  # (B, H, W, C) rows as one 2-D matmul
-        rngs=rngs,
-    )
-
-
 def _taps(x, kernel):
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
@@ -164,7 +121,9 @@ class DepthwiseConv(nnx.Module):
         if impl not in DW_IMPLS:
             raise ValueError(f"unknown dw_impl {impl!r}; expected one of {DW_IMPLS}")
         shape = (kernel_size, kernel_size, 1, dim)
-        self.kernel = nnx.Param(_kernel_init((None, None, None, "fsdp"))(rngs.params(), shape))
+        self.kernel = nnx.Param(
+            layers.kernel_init((None, None, None, "fsdp"))(rngs.params(), shape)
+        )
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         self.impl = impl
         self.dtype = dtype
@@ -183,7 +142,7 @@ class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2; `conv=True` mirrors timm's conv_mlp (1×1 convs, same names)."""
 
     def __init__(self, dim: int, hidden: int, *, conv: bool, dtype, rngs: nnx.Rngs):
-        layer = functools.partial(_conv, size=1) if conv else _dense
+        layer = functools.partial(layers.patchify_conv, size=1) if conv else layers.dense
         self.fc1 = layer(dim, hidden, dtype=dtype, rngs=rngs)
         self.fc2 = layer(hidden, dim, dtype=dtype, rngs=rngs, shard_in=True)
 
@@ -206,7 +165,7 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.conv_dw = DepthwiseConv(dim, impl=dw_impl, dtype=dtype, rngs=rngs)
-        self.norm = _layer_norm(dim, dtype, rngs)
+        self.norm = layers.layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, 4 * dim, conv=conv_mlp, dtype=dtype, rngs=rngs)
         self.gamma = (
             nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
@@ -247,7 +206,12 @@ class Stage(nnx.Module):
         **block_kwargs,
     ):
         self.downsample = (
-            nnx.List([_layer_norm(cin, dtype, rngs), _conv(cin, cout, 2, dtype, rngs)])
+            nnx.List(
+                [
+                    layers.layer_norm(cin, dtype, rngs),
+                    layers.patchify_conv(cin, cout, 2, dtype, rngs),
+                ]
+            )
             if downsample
             else None
         )
@@ -270,21 +234,22 @@ class Stage(nnx.Module):
 
 class Head(nnx.Module):
     """timm's NormMlpClassifierHead without hidden layer: (pooled) -> norm -> dropout -> fc.
+    num_classes=0: no `fc` (timm's identity), the normalised pooled features come out.
 
     Computed in float32 whatever the backbone's dtype: it is tiny and the logits feed the loss.
     """
 
     def __init__(self, dim: int, num_classes: int, drop_rate: float, *, rngs: nnx.Rngs):
-        self.norm = _layer_norm(dim, jnp.float32, rngs)
+        self.norm = layers.layer_norm(dim, jnp.float32, rngs)
         self.drop = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
         init = nnx.initializers.truncated_normal(stddev=0.02)
-        self.fc = nnx.Linear(dim, num_classes, kernel_init=init, rngs=rngs)
+        self.fc = nnx.Linear(dim, num_classes, kernel_init=init, rngs=rngs) if num_classes else None
 
     def __call__(self, pooled, *, train: bool = False):
         x = self.norm(pooled.astype(jnp.float32))
         if self.drop is not None:
             x = self.drop(x, deterministic=not train)
-        return self.fc(x)
+        return x if self.fc is None else self.fc(x)
 
 
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
@@ -298,7 +263,8 @@ class ConvNeXt(nnx.Module):
     """ConvNeXt with optional early or late background masking.
 
     `model(x, mask=None, *, train=False)`: x is normalised NHWC float (B, H, W, in_chans),
-    mask (B, H, W) foreground in input pixels; required iff `masking != "none"`.
+    mask (B, H, W) foreground in input pixels; required iff `masking != "none"`. As in timm,
+    num_classes=0 builds no classifier: the call returns the head's normalised pooled features.
 
     masking="early": background pixels become `early_fill` ("black" = pixel 0 after
     normalisation with `pixel_mean`/`pixel_std`, "mean" = 0) before the stem.
@@ -350,7 +316,10 @@ class ConvNeXt(nnx.Module):
         self.late_pool = late_pool
 
         self.stem = nnx.List(
-            [_conv(in_chans, dims[0], 4, dtype, rngs), _layer_norm(dims[0], dtype, rngs)]
+            [
+                layers.patchify_conv(in_chans, dims[0], 4, dtype, rngs),
+                layers.layer_norm(dims[0], dtype, rngs),
+            ]
         )
         stage_kwargs = dict(
             remat=remat,
@@ -410,12 +379,7 @@ class ConvNeXt(nnx.Module):
         prefixes = [("head",)]
         if self.masking == "late":
             prefixes.append(("stages", str(len(self.stages) - 1)))
-        return nnx.All(nnx.Param, functools.partial(_path_has_prefix, tuple(prefixes)))
-
-
-def _path_has_prefix(prefixes: tuple[tuple[str, ...], ...], path, _value) -> bool:
-    keys = tuple(str(p) for p in path)
-    return any(keys[: len(p)] == p for p in prefixes)
+        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, tuple(prefixes)))
 
 
 # name -> timm's architecture arguments (timm's `convnext_*` entry points).
@@ -432,12 +396,5 @@ _ARCHS = {
 }
 
 
-def _constructor(arch: dict):
-    def create(*, num_classes: int, rngs: nnx.Rngs, **overrides) -> ConvNeXt:
-        # Overrides win, like timm's `create_model(name, depths=..., dims=...)`.
-        return ConvNeXt(num_classes=num_classes, rngs=rngs, **{**arch, **overrides})
-
-    return create
-
-
-MODELS = {name: _constructor(arch) for name, arch in _ARCHS.items()}
+# Keyword arguments given at the call win, like timm's `create_model(name, depths=..., dims=...)`.
+MODELS = {name: functools.partial(ConvNeXt, **arch) for name, arch in _ARCHS.items()}

@@ -146,8 +146,8 @@ class Segmenter(nnx.Module):
                 f"overrides {sorted(encoder_overrides)} apply to an encoder built by name, not "
                 "to a given module"
             )
-        # Headless: the decoder reads feature maps. (A ConvNeXt built with num_classes=0 still
-        # has a zero-size classifier, which Orbax refuses to save.)
+        # Headless: the decoder reads feature maps, not pooled features, so even a num_classes=0
+        # head (ConvNeXt's `head.norm`) would be parameters nothing uses or trains.
         if getattr(encoder, "head", None) is not None:
             encoder.head = None
         self.encoder = encoder

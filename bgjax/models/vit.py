@@ -166,44 +166,12 @@ def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "cen
 # Layers.
 
 
-def _kernel_init(sharding: tuple[str | None, ...], init=None):
-    """timm's trunc_normal(std=.02) (or `init`), annotated for FSDP; placed by bgjax.parallel."""
-    init = init or nnx.initializers.truncated_normal(stddev=0.02)
-    return nnx.with_partitioning(init, sharding, eager_sharding=False)
-
-
-def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, like torch: the one-pass E[x^2]-E[x]^2 loses ~1e-4 on large activations.
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
-
-
-def _dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False):
-    sharding = ("fsdp", None) if shard_in else (None, "fsdp")
-    return nnx.Linear(
-        cin,
-        cout,
-        dtype=dtype,
-        kernel_init=_kernel_init(sharding),
-        dot_general=layers.rows_dot_general,  # (B, N, C) tokens as one 2-D matmul
-        rngs=rngs,
-    )
-
-
 class PatchEmbed(nnx.Module):
     """Non-overlapping p×p/p convolution: (B, H, W, C) -> (B, H//p, W//p, D)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, rngs):
-        init = _kernel_init((None, None, None, "fsdp"), nnx.initializers.lecun_normal())
-        self.proj = nnx.Conv(
-            in_chans,
-            embed_dim,
-            (patch_size, patch_size),
-            strides=patch_size,
-            padding="VALID",
-            dtype=dtype,
-            kernel_init=init,
-            conv_general_dilated=layers.patch_conv,  # as one matmul (fast on CPU too)
-            rngs=rngs,
+        self.proj = layers.patchify_conv(
+            in_chans, embed_dim, patch_size, dtype, rngs, init=nnx.initializers.lecun_normal()
         )
 
     def __call__(self, x):
@@ -216,8 +184,8 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, implementation=None, dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.implementation = implementation
-        self.qkv = _dense(dim, 3 * dim, dtype, rngs)
-        self.proj = _dense(dim, dim, dtype, rngs, shard_in=True)
+        self.qkv = layers.dense(dim, 3 * dim, dtype, rngs)
+        self.proj = layers.dense(dim, dim, dtype, rngs, shard_in=True)
 
     def __call__(self, x, key_mask=None):
         b, n, d = x.shape
@@ -255,8 +223,8 @@ class Mlp(nnx.Module):
         if gated and hidden % 2:
             raise ValueError(f"a gated MLP needs an even hidden width, got {hidden}")
         self.gated = gated
-        self.fc1 = _dense(dim, hidden, dtype, rngs)
-        self.fc2 = _dense(hidden // 2 if gated else hidden, dim, dtype, rngs, shard_in=True)
+        self.fc1 = layers.dense(dim, hidden, dtype, rngs)
+        self.fc2 = layers.dense(hidden // 2 if gated else hidden, dim, dtype, rngs, shard_in=True)
 
     def __call__(self, x):
         x = self.fc1(x)
@@ -292,10 +260,10 @@ class Block(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
     ):
-        self.norm1 = _layer_norm(dim, dtype, rngs)
+        self.norm1 = layers.layer_norm(dim, dtype, rngs)
         self.attn = Attention(dim, num_heads, implementation=attn_impl, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(dim, init_values) if init_values else None
-        self.norm2 = _layer_norm(dim, dtype, rngs)
+        self.norm2 = layers.layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, mlp_hidden, gated=gated_mlp, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(dim, init_values) if init_values else None
         # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1/(1-rate).
@@ -317,11 +285,6 @@ class Block(nnx.Module):
 
 def _run_block(block: Block, x, key_mask, train: bool):
     return block(x, key_mask, train=train)
-
-
-def _path_has_prefix(prefixes: tuple[tuple[str, ...], ...], path, _value) -> bool:
-    keys = tuple(str(p) for p in path)
-    return any(keys[: len(p)] == p for p in prefixes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +403,11 @@ class VisionTransformer(nnx.Module):
             ]
         )
         self.late_norm = (
-            _layer_norm(embed_dim, dtype, rngs) if masking == "late" and late_block < -1 else None
+            layers.layer_norm(embed_dim, dtype, rngs)
+            if masking == "late" and late_block < -1
+            else None
         )
-        self.norm = _layer_norm(embed_dim, dtype, rngs)
+        self.norm = layers.layer_norm(embed_dim, dtype, rngs)
         head_in = 2 * embed_dim if head_pool == "cls+gap" else embed_dim
         self.head = (
             nnx.Linear(head_in, num_classes, kernel_init=trunc, rngs=rngs) if num_classes else None
@@ -551,7 +516,7 @@ class VisionTransformer(nnx.Module):
         prefixes = [("head",)]
         if self.masking == "late":
             prefixes += [("blocks", str(self.depth - 1)), ("norm",), ("late_norm",)]
-        return nnx.All(nnx.Param, functools.partial(_path_has_prefix, tuple(prefixes)))
+        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, tuple(prefixes)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,15 +544,8 @@ _ARCHS = {
 }
 
 
-def _constructor(arch: dict):
-    def create(*, num_classes: int, rngs: nnx.Rngs, **overrides) -> VisionTransformer:
-        # Overrides win, like timm's `create_model(name, depth=..., img_size=...)`.
-        return VisionTransformer(num_classes=num_classes, rngs=rngs, **{**arch, **overrides})
-
-    return create
-
-
-MODELS = {name: _constructor(arch) for name, arch in _ARCHS.items()}
+# Keyword arguments given at the call win, like timm's `create_model(name, depth=...)`.
+MODELS = {name: functools.partial(VisionTransformer, **arch) for name, arch in _ARCHS.items()}
 
 
 def vit_custom(*, num_classes: int = 10, rngs: nnx.Rngs | None = None, **overrides):
