@@ -36,6 +36,8 @@ VARIANTS = (
     "mixed_next",
 )
 MIXED = ("mixed_same", "mixed_rand", "mixed_next")
+# Variants whose foreground was removed: their foreground mask is empty (see composite_mask).
+NO_FOREGROUND = ("only_bg_b", "only_bg_t", "no_fg")
 
 BBox = Sequence[int] | np.ndarray
 
@@ -232,6 +234,16 @@ def composite(
         )
     background = _donor_background(image.shape, bg_image, bg_mask, bg_bbox)
     return _paste(background, image, fg)
+
+
+def composite_mask(name: str, mask: np.ndarray) -> np.ndarray:
+    """The foreground mask of variant `name` of an example with foreground `mask`: the same
+    object in every variant that keeps it, EMPTY in those that removed it. (Keeping the removed
+    object's mask would hand a masking model the object's silhouette: an early-masked model
+    then classifies ONLY_BG_T from the shape of the hole.)"""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return np.zeros_like(mask) if name in NO_FOREGROUND else mask
 
 
 # ----------------------------------------------------------------------------- mixed partners

@@ -6,25 +6,33 @@
 arch:      convnext | vit
 strategy:  none (baseline) | early | late (masking with ground-truth masks) | mixed_rand
            (train on the Mixed-Rand variant) | attn (ViT: background patches masked in attention)
-size:      tiny (tests: 32 px, a few steps) | small (default: 64 px, a few hundred steps) | base
+size:      tiny (tests: 32 px, a few steps) | small (default, the demo's models: 32 px, 400
+           steps) | base (64 px, 1500 steps)
 frozen:    train only the head (+ the last stage/block with late masking)
 """
 
 from bgjax import config_utils
 
-# Model widths per size. ConvNeXt keeps a 4x4 patchify stem (cheap at 64 px); ViT uses 8 px
-# patches. Widths are multiples of 4 so FSDP over up to 4 devices actually shards them.
+# Model widths per size, far below timm's smallest for "small" (the demo's models). ConvNeXt keeps
+# its 4x4 patchify stem; "grouped" depthwise convs compile ~5x faster on CPU than the default
+# shifted ones, which pays for runs of a few hundred steps. The ViT uses 8 px patches (a 4x4 token
+# grid at 32 px: each token sees a large part of the shape) and a sine-cosine start for its
+# position embedding; measured on this data (400 steps, Mixed-Rand training) that took it from
+# 0.25 to 0.50 accuracy, where 4 px patches or a GAP head did not help.
+# Widths are multiples of 4 so FSDP over up to 4 devices actually shards them.
 _CONVNEXT = {
-    "small": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256)),
+    "small": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), conv_mlp=False, dw_impl="grouped"),
     "base": dict(),  # convnext_atto as in timm
 }
 _VIT = {
-    "small": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4),
-    "base": dict(patch_size=8, embed_dim=192, depth=8, num_heads=3),
+    "small": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, pos_embed_init="sincos2d"),
+    "base": dict(patch_size=8, embed_dim=192, depth=8, num_heads=3, pos_embed_init="sincos2d"),
 }
-# (image size, classes, batch, steps, eval/checkpoint period, examples per class in train)
+# (image size, classes, batch, steps, eval/checkpoint period, examples per class in train).
+# 32 px: the small ConvNeXt learns the shapes far faster than at 64 px (Mixed-Rand training,
+# 400 steps: 0.85 vs 0.67 accuracy) and each step is ~3x cheaper.
 _RUN = {
-    "small": (64, 9, 64, 400, 100, 1000),
+    "small": (32, 9, 64, 400, 100, 1000),
     "base": (64, 9, 64, 1500, 250, 1000),
 }
 STRATEGIES = ("none", "early", "late", "mixed_rand", "attn")
@@ -44,7 +52,9 @@ def get_config(arg=None):
     c.train_variant = "mixed_rand" if arg.strategy == "mixed_rand" else "original"
     c.model.masking = arg.strategy if arg.strategy in ("early", "late", "attn") else "none"
     c.model.frozen_backbone = arg.frozen
-    c.optimizer.lr = 2e-3 if arg.arch == "convnext" else 1e-3
+    # Measured (small, 400 steps, Mixed-Rand training): ConvNeXt 0.60 at 1e-3 vs 0.35 at 2e-3
+    # and 0.26 at 3e-3; the ViT fails to take off at 1.5e-3 or above.
+    c.optimizer.lr = 1e-3
 
     if arg.size == "tiny":
         config_utils.set_tiny(c, arg.arch)

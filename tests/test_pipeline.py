@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
+from bgjax import variants
 from bgjax.data import DatasetInfo, pipeline, synthetic
 
 NUM_CLASSES = 3
@@ -294,3 +295,11 @@ def test_pipeline_benchmark_runs_and_reports_every_row(tmp_path):
     for row in results.values():
         assert row["images"] == 16 and row["img_s_core"] > 0
         assert math.isfinite(row["ratio_vs_reference"]) and row["ratio_vs_reference"] > 0
+
+
+@pytest.mark.parametrize("variant", ["only_bg_t", "no_fg", "only_fg", "mixed_rand"])
+def test_variants_without_the_foreground_have_an_empty_mask(variant):
+    r = rows(batches(build(FlatSource(12, size=32), variant=variant, image_size=32), 4))
+    has_fg = r["mask"][r["valid"]].reshape(int(r["valid"].sum()), -1).any(axis=1)
+    assert len(has_fg) == 12
+    assert not has_fg.any() if variant in variants.NO_FOREGROUND else has_fg.all()

@@ -58,6 +58,22 @@ def test_random_access_in_any_order(train):
         train[len(train)]
 
 
+def test_rendered_once_cached_exactly_and_not_pickled(monkeypatch):
+    source, calls = _source("val"), []
+    render = synthetic.render
+    monkeypatch.setattr(synthetic, "render", lambda *a: calls.append(1) or render(*a))
+    first = source[3]
+    first["image"][:] = 0  # the caller's copy: the cache must not change
+    again = source[3]
+    assert len(calls) == 1
+    _assert_same_example(again, _source("val")[3])  # = a fresh render, bit for bit
+    assert len(pickle.dumps(source)) < 20_000  # workers get the recipe, not the pixels
+    monkeypatch.setattr(synthetic, "CACHE_BYTES", 0)
+    uncached = _source("val")
+    uncached[3], uncached[3]
+    assert len(calls) == 4  # the cached call + the fresh render above + 2 uncached renders
+
+
 def test_works_through_grain_and_pickle(train):
     dataset = grain.MapDataset.source(train)
     _assert_same_example(dataset[5], train[5])

@@ -310,3 +310,15 @@ def test_bad_input_raises_a_clear_value_error(case):
     call, message = bad_input_cases()[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_composite_mask_is_empty_only_where_the_foreground_was_removed():
+    mask = np.zeros((6, 6), np.uint8)
+    mask[2:4, 1:5] = 1
+    for name in V.VARIANTS:
+        out = V.composite_mask(name, mask)
+        assert out.shape == mask.shape and out.dtype == mask.dtype
+        expected = np.zeros_like(mask) if name in ("only_bg_b", "only_bg_t", "no_fg") else mask
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+    with pytest.raises(ValueError, match="unknown variant"):
+        V.composite_mask("only_bg", mask)

@@ -435,3 +435,22 @@ def test_resample_pos_embed_matches_timm(antialias):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
         np.testing.assert_allclose(traced(jnp.asarray(pos)), ref, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(ours[:, :prefix], pos[:, :prefix])
+
+
+def test_sincos2d_pos_embed_init():
+    model = vit.vit_custom(num_classes=3, pos_embed_init="sincos2d", rngs=nnx.Rngs(0))
+    default = nnx.eval_shape(lambda: vit.vit_custom(num_classes=3))
+    pos = np.asarray(model.pos_embed[...])[0]
+    assert pos.shape == default.pos_embed.shape[1:]  # same parameter, timm-exportable
+    assert isinstance(model.pos_embed, nnx.Param)  # trainable: only the start differs
+    np.testing.assert_array_equal(pos[0], 0.0)  # the class token carries no position
+    grid = pos[1:]
+    h, w = model.grid_size
+    # Nearer grid positions have more similar codes; every position is distinct.
+    sims = grid @ grid[0]
+    assert sims[1] > sims[2] and sims[w] > sims[2 * w]
+    assert len({tuple(np.round(r, 5)) for r in grid}) == h * w
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vit.sincos_2d_pos_embed((2, 2), 6)
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        vit.vit_custom(pos_embed_init="random")

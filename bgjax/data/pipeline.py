@@ -129,6 +129,7 @@ class Composite(grain.transforms.RandomMap):
                     bg_image=partner["image"], bg_mask=partner["mask"], bg_bbox=partner["bbox"]
                 )
             image = variants.composite(name, image, mask, bbox=element["bbox"], **donor)
+            mask = variants.composite_mask(name, mask)
         return dict(image=image, mask=mask, label=element["label"], habitat=element["habitat"])
 
 

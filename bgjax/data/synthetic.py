@@ -352,11 +352,29 @@ def assign_groups(
 # The source.
 
 
+# Splits up to this many bytes of pixels keep every rendered example in memory (9,000 examples
+# of 64 px are 147 MB): rendering costs more than the whole small-model train step per image,
+# and training re-reads each example every epoch (mixed_* variants read a donor too).
+CACHE_BYTES = 512 * 2**20
+
+
 class SyntheticSource:
-    """Grain random-access source: `source[i]` renders example i; `.info` needs no rendering."""
+    """Grain random-access source: `source[i]` renders example i (once, if the split fits
+    CACHE_BYTES: rendering is deterministic, so the cache changes no value); `.info` needs no
+    rendering."""
 
     def __init__(self, info: DatasetInfo, *, split_id: int, seed: int):
         self.info, self._split_id, self._seed = info, split_id, seed
+        n, s = len(info.labels), info.image_size
+        self._cached = n * s * s * 4 <= CACHE_BYTES
+        if self._cached:  # np.empty: pages are only touched when an example is stored
+            self._images = np.empty((n, s, s, 3), np.uint8)
+            self._masks = np.empty((n, s, s), np.uint8)
+            self._boxes = np.empty((n, 4), np.int32)
+            self._filled = np.zeros(n, bool)
+
+    def __reduce__(self):  # Grain worker processes get the recipe, not the rendered cache
+        return (_rebuild_source, (self.info, self._split_id, self._seed))
 
     def __len__(self) -> int:
         return len(self.info.labels)
@@ -366,13 +384,30 @@ class SyntheticSource:
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} examples")
         index = int(index) % n
+        label, habitat = self.info.labels[index], self.info.habitats[index]
+        if self._cached and self._filled[index]:
+            return {
+                "image": self._images[index].copy(),
+                "mask": self._masks[index].copy(),
+                "bbox": self._boxes[index].copy(),
+                "label": np.int32(label),
+                "habitat": np.int32(habitat),
+            }
         rng = np.random.default_rng([self._seed, self._split_id, index])
-        label, habitat = int(self.info.labels[index]), int(self.info.habitats[index])
-        return render(label, habitat, self.info.image_size, rng)
+        example = render(int(label), int(habitat), self.info.image_size, rng)
+        if self._cached:  # filled last: a concurrent reader never sees a half-written example
+            self._images[index], self._masks[index] = example["image"], example["mask"]
+            self._boxes[index] = example["bbox"]
+            self._filled[index] = True
+        return example
 
     def __repr__(self) -> str:
         info = self.info
         return f"SyntheticSource(split={info.split!r}, n={len(self)}, size={info.image_size})"
+
+
+def _rebuild_source(info: DatasetInfo, split_id: int, seed: int) -> SyntheticSource:
+    return SyntheticSource(info, split_id=split_id, seed=seed)
 
 
 def _int_key(config: Any, key: str, default: int, lo: int, hi: int | None = None) -> int:

@@ -47,6 +47,10 @@ HEAD_POOLS = ("cls", "gap", "cls+gap")
 ATTN_IMPLS = (None, "xla", "cudnn")
 # The paper's heads: linear on [CLS ‖ mean(patches)] for late masking; timm's CLS otherwise; for
 # "attn" the foreground mean is what makes the logits background-invariant by construction.
+# "trunc_normal" is timm's N(0, 0.02); "sincos2d" starts from the fixed 2-D sine-cosine table
+# (MoCo v3, MAE, big_vision) and stays trainable: small ViTs trained from scratch learn shape
+# cues about twice as fast with it (bgjax demo), and the parameter tree is timm's either way.
+POS_EMBED_INITS = ("trunc_normal", "sincos2d")
 DEFAULT_HEAD_POOL = {"none": "cls", "early": "cls", "late": "cls+gap", "attn": "gap"}
 
 
@@ -128,6 +132,19 @@ def resample_pos_embed(
     grid = xp.einsum("hH,wW,bHWd->bhwd", rows, cols, grid, **kw)
     grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
     return xp.concatenate([prefix, grid], axis=1)
+
+
+def sincos_2d_pos_embed(grid_size: Sequence[int], dim: int, temperature: float = 10_000.0):
+    """The 2-D sine-cosine position table, (h*w, dim) row-major over the grid: a quarter of the
+    channels each for sin/cos of x and of y, frequencies geometric in [1/temperature, 1]."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embedding needs embed_dim divisible by 4: {dim}")
+    h, w = grid_size
+    y, x = np.mgrid[:h, :w].astype(np.float64)
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / max(dim // 4 - 1, 1))
+    ang_x, ang_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    table = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
+    return table.astype(np.float32)
 
 
 def fit_pos_embed(model: VisionTransformer, state_dict: dict, *, antialias: bool = False) -> dict:
@@ -328,6 +345,7 @@ class VisionTransformer(nnx.Module):
         remat: bool = False,
         attn_impl: str | None = None,
         pos_embed_antialias: bool = False,
+        pos_embed_init: str = "trunc_normal",
         masking: str = "none",
         early_fill: str = "black",
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
@@ -344,6 +362,10 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"late_block must be in [-{depth}, -1] (depth {depth}): {late_block}")
         if late_pool not in masking_lib.LATE_POOLS:
             raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
+        if pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(
+                f"unknown pos_embed_init {pos_embed_init!r}; expected one of {POS_EMBED_INITS}"
+            )
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r}; expected one of {ATTN_IMPLS}")
         if embed_dim % num_heads:
@@ -384,7 +406,12 @@ class VisionTransformer(nnx.Module):
         )
         embed_len = grid_size[0] * grid_size[1] + self.num_pos_prefix_tokens
         trunc = nnx.initializers.truncated_normal(stddev=0.02)
-        self.pos_embed = nnx.Param(trunc(key(), (1, embed_len, embed_dim)))
+        if pos_embed_init == "sincos2d":
+            grid = sincos_2d_pos_embed(grid_size, embed_dim)
+            prefix = np.zeros((self.num_pos_prefix_tokens, embed_dim), np.float32)
+            self.pos_embed = nnx.Param(jnp.asarray(np.concatenate([prefix, grid]))[None])
+        else:
+            self.pos_embed = nnx.Param(trunc(key(), (1, embed_len, embed_dim)))
         rates = np.linspace(0.0, drop_path_rate, depth).tolist()
         self.blocks = nnx.List(
             [
