@@ -17,8 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _demo(workdir: Path) -> subprocess.CompletedProcess:
     # One CPU device, as a user runs it (conftest simulates 4 for the sharding tests).
     env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                              env.get("XLA_FLAGS", ""))  # fmt: skip
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       env.pop("XLA_FLAGS", "")).strip()  # fmt: skip
+    if xla_flags:  # XLA reads a blank XLA_FLAGS as a file name
+        env["XLA_FLAGS"] = xla_flags
     done = subprocess.run(
         [sys.executable, "-m", "bgjax.cli", "demo", "--quick", "--workdir", str(workdir)],
         cwd=REPO, env=env, capture_output=True, text=True,
