@@ -147,7 +147,7 @@ class Mlp(nnx.Module):
         self.fc2 = layer(hidden, dim, dtype=dtype, rngs=rngs, shard_in=True)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(layers.gelu_exact(self.fc1(x)))
 
 
 class Block(nnx.Module):

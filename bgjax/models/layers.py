@@ -2,7 +2,8 @@
 
 Constructors (`kernel_init`, `layer_norm`, `dense`, `patchify_conv`): timm's initialisation and
 LayerNorm, FSDP metadata on one large kernel dim, and the fast lowerings below plugged in.
-`path_has_prefix`: the path test of the models' frozen-backbone filters.
+`path_has_prefix`: the path test of the models' frozen-backbone filters. `gelu_exact`: torch's
+GELU with a one-pass hand-written gradient (both families' MLPs).
 
 Lowerings of dense and patchify layers that XLA runs fast on every backend, the CPU included.
 
@@ -22,7 +23,10 @@ order of floating-point sums). Measured on a 2-core CPU (fwd+bwd, batch 16, BENC
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -76,6 +80,32 @@ def patch_conv(lhs, rhs, window_strides, padding, *args, **kwargs):
         patches, rhs.reshape(kh * kw * c, features), (((1,), (0,)), ((), ())), **extra
     )
     return out.reshape(b, gh, gw, features)
+
+
+@jax.custom_vjp
+def gelu_exact(x):
+    """`jax.nn.gelu(x, approximate=False)` (torch's default GELU) with a one-pass gradient.
+
+    Same forward values. The gradient is torch's formula, g * (Phi(x) + x * phi(x)), in one
+    fused pass over the saved input. Autodiff through erf gives XLA:CPU five passes over the
+    (tokens, hidden) activation, plus the erf polynomial again in the weight-gradient's
+    operand. Same-process A/B of the batch-16 train step: ConvNeXt-T 8% faster, ViT-S ~1%.
+    """
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_exact_fwd(x):
+    return gelu_exact(x), x
+
+
+def _gelu_exact_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

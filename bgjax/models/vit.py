@@ -219,18 +219,64 @@ class Attention(nnx.Module):
         return self.proj(out.reshape(b, n, d))
 
 
-def attention_heads_first(q, k, v, mask=None):
+# On CPU, attention runs on this many batch slices: independent ops, which XLA:CPU runs
+# concurrently on its thread pool (YNNPACK runs each batched matmul on one thread), and each
+# slice's (heads, T, T) probabilities stay in cache. ViT-S/16 batch-16 CPU train step, A/B in
+# one process against the plain autodiff path: 4 slices 6% faster, 1 slice 1%, 8 slices 2%.
+ATTN_BATCH_SLICES = 4
+
+
+def attention_heads_first(q, k, v, mask=None, *, slices: int = ATTN_BATCH_SLICES):
     """softmax(q k^T / sqrt(head_dim)) v for (B, T, heads, head_dim) inputs, computed with the
     heads axis first (as timm does), logits and softmax in float32; `mask` (B, 1, 1, S) True =
-    attendable. On CPU ~25% faster forward + backward than the XLA path of
-    `jax.nn.dot_product_attention`, whose (B, T, N, H) layout costs transposes."""
+    attendable. On CPU faster forward + backward than the XLA path of
+    `jax.nn.dot_product_attention`, whose (B, T, N, H) layout costs transposes; the batch is
+    split into `slices` pieces, each with a hand-written gradient (`_attention_core`).
+    """
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    bounds = np.linspace(0, q.shape[0], min(slices, q.shape[0]) + 1).astype(int)
+    outs = [
+        _attention_core(q[a:b], k[a:b], v[a:b], None if mask is None else mask[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _attention_probs(q, k, mask):
     logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", probs, v), 1, 2)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v, mask):
+    """softmax(q k^T) v on (B, heads, T, head_dim) inputs, q already scaled."""
+    return _attention_core_fwd(q, k, v, mask)[0]
+
+
+def _attention_core_fwd(q, k, v, mask):
+    probs = _attention_probs(q, k, mask)
+    out = jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v)
+    return out, (q, k, v, probs, out)
+
+
+def _attention_core_bwd(residuals, d_out):
+    # The softmax gradient from the saved probabilities and output in one pass,
+    # dS = P * (dP - rowsum(dO * O)), instead of autodiff's several passes over (B, N, T, T).
+    q, k, v, probs, out = residuals
+    d_v = jnp.einsum("bnqk,bnqh->bnkh", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("bnqh,bnkh->bnqk", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits = (probs * (d_probs - row)).astype(q.dtype)
+    d_q = jnp.einsum("bnqk,bnkh->bnqh", d_logits, k)
+    d_k = jnp.einsum("bnqk,bnqh->bnkh", d_logits, q)
+    return d_q, d_k, d_v.astype(v.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Mlp(nnx.Module):
@@ -249,7 +295,7 @@ class Mlp(nnx.Module):
             a, b = jnp.split(x, 2, axis=-1)
             x = jax.nn.silu(a) * b
         else:
-            x = jax.nn.gelu(x, approximate=False)
+            x = layers.gelu_exact(x)
         return self.fc2(x)
 
 
