@@ -150,33 +150,18 @@ def segmenter_config(s: Settings) -> ml_collections.ConfigDict:
 # Running
 
 
-class CachedSource:
-    """A source that renders each example once: every demo model is evaluated on the same
-    images, and rendering + compositing on the host would otherwise rival the model's time."""
-
-    def __init__(self, source):
-        self.info, self._source, self._cache = source.info, source, {}
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if index not in self._cache:
-            self._cache[index] = self._source[index]
-        return self._cache[index]
-
-
 class SourceCache:
-    """`get_source` for `aggregate.evaluate_run` that reuses sources across runs."""
+    """`get_source` for `aggregate.evaluate_run` that hands every run the same source objects:
+    the synthetic source keeps what it rendered (`synthetic.CACHE_BYTES`), so every demo model
+    is evaluated on images rendered once."""
 
     def __init__(self):
-        self._sources: dict[str, CachedSource] = {}
+        self._sources: dict[str, Any] = {}
 
-    def __call__(self, data: ml_collections.ConfigDict, split: str) -> CachedSource:
+    def __call__(self, data: ml_collections.ConfigDict, split: str):
         key = json.dumps([data.to_dict(), split], sort_keys=True, default=str)
         if key not in self._sources:
-            self._sources[key] = CachedSource(data_lib.get_source(data, split))
+            self._sources[key] = data_lib.get_source(data, split)
         return self._sources[key]
 
 
