@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bgjax import config_utils, evaluate, parallel, run
+from bgjax import config_utils, evaluate, hostmem, parallel, run
 from bgjax import data as data_lib
 from bgjax.analysis import adversarial
 
@@ -55,6 +55,7 @@ def timed(fn):
 
 
 def main() -> None:
+    hostmem.keep_freed_memory()  # as `bgjax` does, before JAX starts its threads
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=None, help="trained workdir (default: random model)")
     parser.add_argument("--config", default="arch=convnext,size=small", help="synthetic.py arg")

@@ -13,6 +13,8 @@ import sys
 
 from absl import app
 
+from bgjax import hostmem
+
 # command name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bgjax.demo", "reproduce both papers' findings on the synthetic dataset"),
@@ -45,6 +47,7 @@ def run(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"bgjax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    hostmem.keep_freed_memory()  # before the command imports JAX and it starts its threads
     module = importlib.import_module(COMMANDS[name][0])
     # A command may bring its own flags parser (train: clear errors for unknown config keys).
     parser = getattr(module, "flags_parser", app.parse_flags_with_usage)

@@ -134,6 +134,35 @@ def test_gelu_exact_gradient_equals_autodiff():
     )
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 24), (2, 3, 4, 12)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_nnx_values_and_gradients(shape, dtype):
+    """layers.LayerNorm (hand-written gradient, matmul row means on CPU) vs nnx autodiff."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(2.0, 3.0, shape), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    ours = layers.layer_norm(shape[-1], dtype, nnx.Rngs(0))
+    ours.scale.value = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    ours.bias.value = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    reference = nnx.LayerNorm(
+        shape[-1], epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=nnx.Rngs(0)
+    )
+    reference.scale.value, reference.bias.value = ours.scale.value, ours.bias.value
+
+    def loss(norm, x):  # a weighted sum, so every output element gets its own gradient
+        return (norm(x).astype(jnp.float32) * weights).sum()
+
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert ours(x).dtype == reference(x).dtype == dtype
+    np.testing.assert_allclose(ours(x).astype(jnp.float32), reference(x).astype(jnp.float32), **tol)
+    (g_ours, gx_ours), (g_ref, gx_ref) = (
+        nnx.grad(loss, argnums=(0, 1))(norm, x) for norm in (ours, reference)
+    )
+    np.testing.assert_allclose(gx_ours, gx_ref, **tol)
+    np.testing.assert_allclose(g_ours.scale.value, g_ref.scale.value, **tol)
+    np.testing.assert_allclose(g_ours.bias.value, g_ref.bias.value, **tol)
+
+
 # ------------------------------------------------------------------------------------------
 # Masking semantics.
 

@@ -23,6 +23,7 @@ order of floating-point sums). Measured on a 2-core CPU (fwd+bwd, batch 16, BENC
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,9 +123,69 @@ def kernel_init(sharding: tuple[str | None, ...], init=None):
     return nnx.with_partitioning(init, sharding, eager_sharding=False)
 
 
-def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> LayerNorm:
     # Two-pass variance, like torch: the one-pass E[x^2]-E[x]^2 loses ~1e-4 on large activations.
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
+    return LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` over the last axis (same parameters, same values) with a hand-written
+    gradient: the standard closed form from the saved normalised rows and 1/std.
+
+    Autodiff of nnx's LayerNorm costs 5.3 ms fwd+bwd for ViT-S's (16, 197, 384) on 2 CPU cores
+    and 34 ms for ConvNeXt-T's (16, 56, 56, 96) (torch: 1.05 / 6.1 ms). This one: 2.1 / 9-14 ms.
+    On the CPU the row means are matmuls with a 1/C column (`_row_mean`): XLA:CPU's own
+    reductions over a short last axis (96 channels) run several times slower.
+    """
+
+    def __call__(self, x, *, mask=None):
+        last = (x.ndim - 1,)
+        plain = self.reduction_axes in (-1, last) and self.feature_axes in (-1, last)
+        if mask is not None or self.scale is None or self.bias is None or not plain:
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return _layer_norm(self.epsilon, x, scale, bias)
+
+
+def _row_mean(rows: jax.Array) -> jax.Array:
+    """Mean over the last axis of (R, C) float32 rows, kept as (R, 1)."""
+    if jax.default_backend() != "cpu":
+        return rows.mean(-1, keepdims=True)
+    column = jnp.full((rows.shape[-1], 1), 1.0 / rows.shape[-1], rows.dtype)
+    return jnp.matmul(rows, column, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_norm(epsilon: float, x, scale, bias):
+    return _layer_norm_fwd(epsilon, x, scale, bias)[0]
+
+
+def _layer_norm_fwd(epsilon: float, x, scale, bias):
+    # Statistics and arithmetic in float32 whatever the compute dtype, as nnx does.
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    centred = rows - _row_mean(rows)
+    inv_std = jax.lax.rsqrt(_row_mean(centred * centred) + epsilon)
+    normed = centred * inv_std
+    out = normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return out.reshape(x.shape).astype(x.dtype), (normed, inv_std, scale, bias)
+
+
+def _layer_norm_bwd(epsilon: float, residuals, grad):
+    del epsilon
+    normed, inv_std, scale, bias = residuals
+    grad_rows = grad.reshape(normed.shape).astype(jnp.float32)
+    grad_normed = grad_rows * scale.astype(jnp.float32)
+    grad_x = inv_std * (
+        grad_normed - _row_mean(grad_normed) - normed * _row_mean(grad_normed * normed)
+    )
+    return (
+        grad_x.reshape(grad.shape).astype(grad.dtype),
+        (grad_rows * normed).sum(0).astype(scale.dtype),
+        grad_rows.sum(0).astype(bias.dtype),
+    )
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def dense(cin: int, cout: int, dtype, rngs: nnx.Rngs, *, shard_in: bool = False) -> nnx.Linear:
