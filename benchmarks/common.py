@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -96,10 +97,12 @@ class Timings:
 
     wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
+    page_faults: list[int] = dataclasses.field(default_factory=list)
 
-    def add(self, wall: float, cpu: float) -> None:
+    def add(self, wall: float, cpu: float, page_faults: int = 0) -> None:
         self.wall.append(wall)
         self.cpu.append(cpu)
+        self.page_faults.append(page_faults)
 
     def summary(self, images_per_call: int, threads: int) -> dict[str, float]:
         """Median step times -> img/s (wall) and img/s at `threads` idle cores (CPU time)."""
@@ -111,14 +114,19 @@ class Timings:
             img_s=images_per_call / wall,
             cpu_img_s=images_per_call * threads / cpu if cpu > 0 else float("nan"),
             cpu_util=cpu / wall,  # cores this process kept busy on average
+            # Minor page faults: fresh memory touched per call (hostmem.py explains the cost).
+            page_faults=statistics.median(self.page_faults) if self.page_faults else 0,
+            wall_s_each=list(self.wall),
         )
 
 
 def time_call(fn: Callable[[], Any], timings: Timings) -> Any:
     """Run `fn()` (which must block until its work is done) and record its times."""
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     wall0, cpu0 = time.perf_counter(), time.process_time()
     result = fn()
-    timings.add(time.perf_counter() - wall0, time.process_time() - cpu0)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    timings.add(wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)
     return result
 
 

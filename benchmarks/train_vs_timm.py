@@ -20,12 +20,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/ is not a package: found via sys.path
 
-COLUMNS = ("impl", "img_s", "cpu_img_s", "step_s", "step_cpu_s", "cpu_util", "compile_s", "loss")
+COLUMNS = (
+    "impl",
+    "img_s",
+    "cpu_img_s",
+    "step_s",
+    "step_cpu_s",
+    "cpu_util",
+    "page_faults",
+    "compile_s",
+    "loss",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,13 +45,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps after compilation (2: both sides' heaps reach their steady layout)",
+    )
     p.add_argument("--threads", type=int, default=None, help="default: all usable cores")
     p.add_argument("--classes", type=int, default=9)
     p.add_argument("--dw-impl", default=None, help="ConvNeXt depthwise conv: auto|shifted|grouped")
     p.add_argument("--attn-impl", default=None, help="ViT attention: xla|cudnn (default: JAX's)")
     p.add_argument("--channels-last", action="store_true", help="torch: channels_last layout")
     p.add_argument("--impls", default="ours,timm", help="which sides to run (profiling one)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.5,
+        help="idle seconds before each timed step, so the other side's worker threads (torch's "
+        "OpenMP threads spin-wait after a parallel region) are asleep when the clock starts",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -150,6 +173,7 @@ def run(args) -> dict:
     timings = {impl.name: common.Timings() for impl in impls}
     for _ in range(args.steps):
         for impl in impls:
+            time.sleep(args.settle)
             common.time_call(impl.step, timings[impl.name])
 
     rows = []

@@ -126,10 +126,12 @@ def test_cpu_attention_gradient_equals_autodiff():
 
 def test_gelu_exact_gradient_equals_autodiff():
     x = jnp.linspace(-8.0, 8.0, 401)
-    np.testing.assert_array_equal(layers.gelu_exact(x), jax.nn.gelu(x, approximate=False))
+    np.testing.assert_allclose(layers.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    assert layers.gelu_exact(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     np.testing.assert_allclose(
         jax.grad(lambda x: (layers.gelu_exact(x) * x).sum())(x),
         jax.grad(lambda x: (jax.nn.gelu(x, approximate=False) * x).sum())(x),
+        rtol=1e-6,
         atol=1e-6,
     )
 
