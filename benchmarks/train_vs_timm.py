@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/ is not a package: found via sys.path
 
+from bgjax import hostmem
+
 COLUMNS = (
     "impl",
     "img_s",
@@ -160,6 +162,9 @@ class Timm:
 
 
 def run(args) -> dict:
+    # A big model's step runs on this thread, so its temporaries stay in the main heap
+    # (bgjax/hostmem.py; for CPU training of big models README recommends the same).
+    hostmem.sync_cpu_dispatch()
     threads = common.limit_threads(args.threads)
     batches = common.host_batches(args.batch, args.size, args.classes)
     impls = []
