@@ -55,7 +55,6 @@ def timed(fn):
 
 
 def main() -> None:
-    hostmem.keep_freed_memory()  # as `bgjax` does, before JAX starts its threads
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=None, help="trained workdir (default: random model)")
     parser.add_argument("--config", default="arch=convnext,size=small", help="synthetic.py arg")
@@ -129,4 +128,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    hostmem.keep_freed_memory()  # as `bgjax` does, before JAX starts
     main()

@@ -99,7 +99,7 @@ class Timings:
     cpu: list[float] = dataclasses.field(default_factory=list)
     page_faults: list[int] = dataclasses.field(default_factory=list)
 
-    def add(self, wall: float, cpu: float, page_faults: int = 0) -> None:
+    def add(self, wall: float, cpu: float, page_faults: int) -> None:
         self.wall.append(wall)
         self.cpu.append(cpu)
         self.page_faults.append(page_faults)
@@ -303,13 +303,19 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def main(args, run: Callable[[Any], dict], report: Callable[[dict], str]) -> dict:
-    """Every benchmark's entry point: run, print the Markdown report, write `--json`.
-
-    Host memory is set up as `bgjax` sets it up, so steps are timed as the trainer runs them."""
+def prepare_process(*, sync_cpu_dispatch: bool = False) -> None:
+    """A benchmark script's first call (before JAX starts): host memory as `bgjax` sets it up, so
+    steps are timed as the trainer runs them; `sync_cpu_dispatch` as `BGJAX_KEEP_HEAP=sync` (big
+    models on a CPU). Scripts call it under `__main__` only: tests run their `main` in-process."""
     from bgjax import hostmem
 
     hostmem.keep_freed_memory()
+    if sync_cpu_dispatch:
+        hostmem.sync_cpu_dispatch()
+
+
+def main(args, run: Callable[[Any], dict], report: Callable[[dict], str]) -> dict:
+    """Every benchmark's entry point: run, print the Markdown report, write `--json`."""
     result = run(args)
     print(report(result), flush=True)
     write_json(args.json, result)

@@ -233,4 +233,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    common.prepare_process()
     main()

@@ -26,8 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/ is not a package: found via sys.path
 
-from bgjax import hostmem
-
 COLUMNS = (
     "impl",
     "img_s",
@@ -162,9 +160,6 @@ class Timm:
 
 
 def run(args) -> dict:
-    # A big model's step runs on this thread, so its temporaries stay in the main heap
-    # (bgjax/hostmem.py; for CPU training of big models README recommends the same).
-    hostmem.sync_cpu_dispatch()
     threads = common.limit_threads(args.threads)
     batches = common.host_batches(args.batch, args.size, args.classes)
     impls = []
@@ -220,4 +215,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Full-size models on the CPU: each step's temporaries stay in the main heap (bgjax/hostmem.py),
+    # as README recommends for such runs (BGJAX_KEEP_HEAP=sync).
+    common.prepare_process(sync_cpu_dispatch=True)
     main()

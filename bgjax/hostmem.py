@@ -1,9 +1,9 @@
 """Host memory: make glibc malloc keep freed buffers, so big per-step buffers are reused.
 
-XLA:CPU allocates one block for all temporaries of a step (1.4 GB for ViT-S/16, 2.4 GB for
+XLA:CPU allocates one block for all temporaries of a step (1.4 GB for ViT-S/16, ~2.5 GB for
 ConvNeXt-T at batch 16 and 224 px) and frees it when the step ends. By default glibc serves such a
 block with a fresh `mmap` and unmaps it on free, so every step page-faults and zero-fills the whole
-block again: 390k / 618k page faults per step, 10-15% of the step on 2 cores (BENCHMARKS.md).
+block again: 390k / ~650k page faults per step, 12-15% of the step on 2 cores (BENCHMARKS.md).
 
 `keep_freed_memory` (run by `bgjax` and the benchmarks before JAX starts) makes the main heap
 serve big blocks too and never hand freed memory back, so the next step reuses the block. The

@@ -61,11 +61,12 @@ def test_model_flops_are_six_macs_at_224_only():
 
 def test_timings_summary_uses_medians():
     timings = common.Timings()
-    for wall, cpu in [(1.0, 2.0), (3.0, 1.0), (2.0, 4.0)]:
-        timings.add(wall, cpu)
+    for wall, cpu, faults in [(1.0, 2.0, 700_000), (3.0, 1.0, 0), (2.0, 4.0, 5)]:
+        timings.add(wall, cpu, faults)
     summary = timings.summary(images_per_call=8, threads=2)
     assert summary["img_s"] == 4.0  # 8 / median wall 2.0
     assert summary["cpu_img_s"] == 8.0  # 8 * 2 threads / median CPU 2.0
+    assert summary["page_faults"] == 5  # a first step's faults do not set the figure
     table = common.markdown_table([dict(a=1.5, b=None), dict(a=1234.0)], ["a", "b"])
     assert table.splitlines()[2:] == ["| 1.5 | n/a |", "| 1,234 | n/a |"]
 
