@@ -41,7 +41,7 @@ from etils import epath
 from flax import nnx
 
 from bgjax import checkpoint as checkpoint_lib
-from bgjax import clflags, metrics, parallel, variants
+from bgjax import clflags, metrics, parallel, variants, xla_options
 from bgjax import data as data_lib
 from bgjax import masks as masks_lib
 from bgjax import run as run_lib
@@ -94,7 +94,11 @@ def make_predict_step(
             pred = table[pred]
         return dict(pred=pred, label=batch["label"], habitat=batch["habitat"], valid=batch["valid"])
 
-    jitted = jax.jit(step, out_shardings=parallel.replicated(mesh))
+    jitted = jax.jit(
+        step,
+        out_shardings=parallel.replicated(mesh),
+        compiler_options=xla_options.compiler_options(),
+    )
     return lambda batch: jitted(state, batch, mask_params)
 
 
@@ -568,7 +572,9 @@ def score_segmenter(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     info = dataclasses.replace(source.info, mean=tuple(mean), std=tuple(std))
     step = jax.jit(
-        run_lib.make_eval_step(config, graphdef, info), out_shardings=parallel.replicated(mesh)
+        run_lib.make_eval_step(config, graphdef, info),
+        out_shardings=parallel.replicated(mesh),
+        compiler_options=xla_options.compiler_options(),
     )
     flat = run_lib.evaluate(step, params, rest, None, source, config, mesh)
     per_variant = {v: {m: flat[f"eval/{v}/{m}"] for m in segmenter_lib.METRICS} for v in names}

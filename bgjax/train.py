@@ -37,7 +37,7 @@ from etils import epath
 from flax import nnx
 
 from bgjax import checkpoint as checkpoint_lib
-from bgjax import clflags, config_utils, parallel
+from bgjax import clflags, config_utils, parallel, xla_options
 from bgjax import data as data_lib
 from bgjax import masks as masks_lib
 from bgjax import run as run_lib
@@ -246,6 +246,7 @@ def jit_train_step(
         ),
         out_shardings=(setup.shardings, parallel.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=xla_options.compiler_options(),
     )
 
 
@@ -392,7 +393,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     repl = parallel.replicated(mesh)
     if eval_every:
         eval_step = jax.jit(
-            run_lib.make_eval_step(config, setup.graphdef, info, mask_source), out_shardings=repl
+            run_lib.make_eval_step(config, setup.graphdef, info, mask_source),
+            out_shardings=repl,
+            compiler_options=xla_options.compiler_options(),
         )
     eval_params = "ema" if config.eval.use_ema and "ema" in setup.abstract else "params"
 

@@ -165,16 +165,22 @@ def test_depthwise_lowerings_agree(monkeypatch):
     assert used == [auto, "depthwise_shifted", "depthwise_grouped"]
 
 
-def test_depthwise_shifted_gradients_match_grouped():
+@pytest.mark.parametrize("shape", [(2, 9, 13, 5), (2, 7, 28, 3)])  # FFT lengths 16x20, 14x36
+def test_depthwise_shifted_gradients_match_grouped(shape):
     # The shifted lowering has a hand-written backward (flipped-kernel conv + FFT correlation).
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 9, 13, 5)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 5)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((7, 7, 1, shape[-1])), jnp.float32)
     cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
     ours = jax.vjp(convnext.depthwise_shifted, x, kernel)[1](cotangent)
     reference = jax.vjp(convnext.depthwise_grouped, x, kernel)[1](cotangent)
     for got, want in zip(ours, reference):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_fft_size_is_an_even_7_smooth_length_no_shorter_than_asked():
+    # Each stage of ConvNeXt at 224 px (7 + 6, 14 + 6, 28 + 6, 56 + 6) and a few edge cases.
+    assert [convnext._fft_size(n) for n in (13, 20, 34, 62, 1, 2, 11)] == [14, 20, 36, 64, 2, 2, 12]
 
 
 def test_drop_path_rates_rise_linearly():

@@ -40,7 +40,7 @@ import numpy as np
 from absl import app
 from flax import nnx
 
-from bgjax import clflags, metrics, parallel
+from bgjax import clflags, metrics, parallel, xla_options
 from bgjax import data as data_lib
 from bgjax import evaluate as eval_lib
 from bgjax.data import pipeline
@@ -210,7 +210,9 @@ def composite_predictor(
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return pred if table is None else table[pred]
 
-    jitted = jax.jit(step, out_shardings=replicated)
+    jitted = jax.jit(
+        step, out_shardings=replicated, compiler_options=xla_options.compiler_options()
+    )
 
     def predict(fg: np.ndarray, bg: np.ndarray) -> np.ndarray:
         sharding = batch_sharding if fg.shape[0] % mesh.size == 0 else replicated

@@ -36,7 +36,7 @@ import numpy as np
 from absl import app
 from flax import nnx
 
-from bgjax import clflags, parallel
+from bgjax import clflags, parallel, xla_options
 from bgjax import data as data_lib
 from bgjax import evaluate as eval_lib
 from bgjax.data import pipeline
@@ -176,7 +176,9 @@ def saliency_maps(
             out["grad_cam"] = upsample(cam, x.shape[1:3])
         return out
 
-    jitted = jax.jit(maps, out_shardings=replicated)
+    jitted = jax.jit(
+        maps, out_shardings=replicated, compiler_options=xla_options.compiler_options()
+    )
     n = images.shape[0]
     batch_size = -(-min(batch_size, n) // mesh.size) * mesh.size
     out: dict[str, list] = {m: [] for m in methods}
