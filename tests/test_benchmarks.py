@@ -141,6 +141,58 @@ def test_train_vs_timm_tiny_cpu(tmp_path, capsys):
     assert "ratio ours/timm" in capsys.readouterr().out
 
 
+def test_gemm_layers_are_the_train_steps_linear_layers():
+    gemm = _load("gemm_vs_torch")
+    vit = gemm.linear_layers("vit_small_patch16_224", 16, 224)
+    assert [(name, m, k, n, c) for name, m, k, n, c in vit] == [
+        ("qkv", 3152, 384, 1152, 12),
+        ("proj", 3152, 384, 384, 12),
+        ("fc1", 3152, 384, 1536, 12),
+        ("fc2", 3152, 1536, 384, 12),
+    ]
+    convnext = gemm.linear_layers("convnext_tiny", 16, 224)
+    assert [(m, k, c) for _, m, k, _, c in convnext[::2]] == [
+        (50176, 96, 3),
+        (12544, 192, 3),
+        (3136, 384, 9),
+        (784, 768, 3),
+    ]
+    # 2 x 3 x rows x in x out FLOPs per layer: ConvNeXt-T's MLPs are 4.2 of its 4.5 GMACs/image.
+    macs = sum(m * k * n * c for _, m, k, n, c in convnext) / 16
+    assert 4.1e9 < macs < 4.3e9
+    with pytest.raises(ValueError, match="unknown arch"):
+        gemm.linear_layers("resnet50", 16, 224)
+
+
+def test_gemm_vs_torch_tiny_cpu(tmp_path, capsys):
+    pytest.importorskip("torch")
+    gemm = _load("gemm_vs_torch")
+    out = tmp_path / "gemm.json"
+    gemm.main(
+        [
+            "--arch",
+            "vit_small_patch16_224",
+            "--batch",
+            "1",
+            "--size",
+            "32",
+            "--reps",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 4 * 3  # 4 layers x (forward, input_grad, weight_grad)
+    for impl in ("xla", "xla_default", "torch"):
+        total = sum(r[f"{impl}_s"] * r["count"] for r in result["rows"])
+        assert result["per_step_s"][impl] == pytest.approx(total) and total > 0
+    assert result["ratio"] == pytest.approx(
+        result["per_step_s"]["torch"] / result["per_step_s"]["xla"]
+    )
+    assert "seconds per train step" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # two subprocesses, each starting JAX and compiling
 def test_scaling_over_two_simulated_devices(tmp_path, capsys):
     out = tmp_path / "scaling.json"
