@@ -10,7 +10,8 @@ trainer's compiler options, `bgjax/xla_options.py`; `xla_default` without them) 
 product in torch: rounds over the three, each a few back-to-back calls after `--settle` s
 idle and one untimed call; medians. Per-step seconds weight each product by how many layers
 have it. This is where the CPU train step's gap to timm comes from (BENCHMARKS.md): the
-products are ~3/4 of both steps' FLOPs, and no step-level change moves a GEMM kernel.
+products are ~90% of both steps' FLOPs (XLA's cost analysis), and no step-level change
+moves a GEMM kernel.
 """
 
 from __future__ import annotations
@@ -30,27 +31,36 @@ COLUMNS = ("layer", "m", "k", "n", "count", "product", *(f"{i}_gflops" for i in 
 
 
 def linear_layers(arch: str, batch: int, size: int) -> list[tuple[str, int, int, int, int]]:
-    """(name, rows, in, out, how many) of every linear layer of `arch` in one train step."""
-    if arch.startswith("vit_"):
-        width, depth, patch = {"vit_small_patch16_224": (384, 12, 16)}[arch]
-        rows = batch * ((size // patch) ** 2 + 1)  # + class token
+    """(name, rows, in, out, how many) of every linear layer of `arch` in one train step, from
+    the architecture's constructor arguments (bgjax.models' registries). Plain-MLP ViTs and
+    ConvNeXts; the gated DINOv2-giant MLP is not covered."""
+    from bgjax.models import convnext, vit
+
+    if arch in vit.MODELS and not vit.MODELS[arch].keywords.get("gated_mlp"):
+        a = vit.MODELS[arch].keywords
+        width, depth, hidden = (
+            a["embed_dim"],
+            a["depth"],
+            int(a.get("mlp_ratio", 4) * a["embed_dim"]),
+        )
+        rows = batch * ((size // a["patch_size"]) ** 2 + 1 + a.get("reg_tokens", 0))
         return [
             ("qkv", rows, width, 3 * width, depth),
             ("proj", rows, width, width, depth),
-            ("fc1", rows, width, 4 * width, depth),
-            ("fc2", rows, 4 * width, width, depth),
+            ("fc1", rows, width, hidden, depth),
+            ("fc2", rows, hidden, width, depth),
         ]
-    if arch.startswith("convnext_"):
-        dims, depths = {"convnext_tiny": ((96, 192, 384, 768), (3, 3, 9, 3))}[arch]
+    if arch in convnext.MODELS:
+        a = convnext.MODELS[arch].keywords
         layers = []
-        for stage, (dim, depth) in enumerate(zip(dims, depths)):
+        for stage, (dim, depth) in enumerate(zip(a["dims"], a["depths"])):
             rows = batch * (size // 4 // 2**stage) ** 2
             layers += [
                 (f"s{stage}.fc1", rows, dim, 4 * dim, depth),
                 (f"s{stage}.fc2", rows, 4 * dim, dim, depth),
             ]
         return layers
-    raise ValueError(f"unknown arch {arch!r}: vit_small_patch16_224 or convnext_tiny")
+    raise ValueError(f"unknown arch {arch!r}: a bgjax ViT (plain MLP) or ConvNeXt name")
 
 
 def jax_products(options):
