@@ -29,9 +29,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bgjax import config_utils, evaluate, hostmem, parallel, run
+from bgjax import config_utils, hostmem, parallel, tasks
 from bgjax import data as data_lib
+from bgjax import workdir as workdir_lib
 from bgjax.analysis import adversarial
+from bgjax.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,12 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 def load_model(workdir: str | None, config_arg: str):
     """(model, config, mean, std, mesh) from a workdir, or a fresh model of the config."""
     if workdir:
-        r = evaluate.restore(workdir)
+        r = workdir_lib.restore(workdir)
         return r.model, r.config, r.mean, r.std, r.mesh
     config = config_utils.load_config(f"{REPO}/configs/synthetic.py:{config_arg}")
     info = data_lib.get_source(config.data, "train").info
     mesh = parallel.make_mesh([("data", -1)])
-    model = run.make_model(config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std)
+    model = tasks.make_model(config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std)
     return model, config, info.mean, info.std, mesh
 
 
@@ -69,8 +71,8 @@ def main() -> None:
     model, config, mean, std, mesh = load_model(args.workdir, args.config)
     source = data_lib.get_source(config.data, "test")
     load = dict(image_size=config.data.image_size, seed=config.seed)
-    fg = evaluate.load_examples(source, "original", limit=args.foregrounds, **load)
-    bgs = evaluate.load_examples(source, "only_bg_t", limit=args.backgrounds, **load)["image"]
+    fg = pipeline.load_examples(source, "original", limit=args.foregrounds, **load)
+    bgs = pipeline.load_examples(source, "only_bg_t", limit=args.backgrounds, **load)["image"]
     predict = adversarial.composite_predictor(
         model, mesh, fg["image"], fg["mask"], bgs, mean=mean, std=std
     )

@@ -232,10 +232,10 @@ def build_train_step(config, mesh) -> TrainStep:
     FLOPs are known before the first step."""
     import jax
 
-    from bgjax import run, train
+    from bgjax import train, train_state
 
     info = benchmark_info(config.data.num_classes)
-    setup = run.make_setup(config, info, mesh)
+    setup = train_state.make_setup(config, info, mesh)
     jitted = train.jit_train_step(config, setup, info, mesh)
     example = host_batches(config.batch_size, config.data.image_size, 1, count=1)[0]
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)

@@ -31,11 +31,10 @@ from etils import epath
 from flax import nnx
 
 from bgjax import data as data_lib
-from bgjax import evaluate as evaluate_lib
-from bgjax import plots
-from bgjax import run as run_lib
+from bgjax import metrics as metrics_lib
+from bgjax import plots, tasks
 from bgjax import variants as variants_lib
-from bgjax.sweep import final_step
+from bgjax import workdir as workdir_lib
 
 SourceFn = Callable[[ml_collections.ConfigDict, str], Any]
 
@@ -60,17 +59,17 @@ class EvalSpec:
         return cls(
             name=spec["name"],
             split=spec["split"],
-            variants=evaluate_lib.parse_variants(spec.get("variants")),
+            variants=variants_lib.parse(spec.get("variants")),
             data=dict(spec.get("data") or {}),
         )
 
 
 def default_evals(config: ml_collections.ConfigDict) -> list[EvalSpec]:
-    return [EvalSpec("test", evaluate_lib.default_split(config.data.name))]
+    return [EvalSpec("test", data_lib.default_split(config.data.name))]
 
 
 def results_path(workdir: str | os.PathLike, step: int, name: str) -> epath.Path:
-    return epath.Path(workdir) / "eval" / f"step_{step}" / name / "results.json"
+    return epath.Path(workdir_lib.eval_dir(workdir, step)) / name / "results.json"
 
 
 def evaluate_run(
@@ -83,7 +82,7 @@ def evaluate_run(
 ) -> dict[str, dict[str, Any]]:
     """{eval name: results.json content} of `workdir`'s checkpoint `step` (default newest),
     reading results that exist and evaluating the others (the model is restored once)."""
-    step = final_step(workdir) if step is None else step
+    step = workdir_lib.latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {epath.Path(workdir) / 'checkpoints'}")
     out, missing = {}, []
@@ -95,32 +94,28 @@ def evaluate_run(
             missing.append(spec)
     if not missing:
         return out
-    config, sources = evaluate_lib.saved_config(workdir), {}
+    config, sources = workdir_lib.read_config(workdir), {}
     for spec in missing:  # every source checked before the model is restored
         data = ml_collections.ConfigDict(config.data.to_dict())
         data.update(spec.data)
         sources[spec.name] = data, get_source(data, spec.split)
         command = f"evaluation {spec.name!r} of {workdir}"
-        run_lib.require_masks(sources[spec.name][1], spec.variants, config, command=command)
-    run = evaluate_lib.restore(workdir, step)
+        tasks.require_masks(sources[spec.name][1], spec.variants, config, command=command)
+    run = workdir_lib.restore(workdir, step)
     for spec in missing:
         data, source = sources[spec.name]
         results = dict(run.metadata(), split=spec.split, eval=spec.name)
         results.update(
-            evaluate_lib.score(
-                run.model,
+            tasks.score(
+                run,
                 source,
-                variant_names=spec.variants,
-                mesh=run.mesh,
-                batch_size=batch_size or run.config.eval.batch_size,
+                spec.variants,
                 image_size=data.image_size,
-                seed=run.config.seed,
-                mean=run.mean,
-                std=run.std,
-                segmenter=run.segmenter,
-            )
+                with_gt_masks=False,
+                batch_size=batch_size or run.config.eval.batch_size,
+            )  # fmt: skip
         )
-        evaluate_lib.write_results(results, results_path(workdir, step, spec.name).parent)
+        tasks.write_results(results, results_path(workdir, step, spec.name).parent)
         out[spec.name] = results
     return out
 
@@ -131,7 +126,7 @@ def evaluate_run(
 
 def count_params(config: ml_collections.ConfigDict, num_classes: int) -> int:
     """Parameters of the run's model, from shapes only (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: run_lib.make_model(config, num_classes))
+    abstract = nnx.eval_shape(lambda: tasks.make_model(config, num_classes))
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
@@ -153,8 +148,8 @@ def family_of(model_name: str) -> str:
 
 def describe_run(workdir: str | os.PathLike) -> dict[str, Any]:
     workdir = epath.Path(workdir)
-    config = evaluate_lib.read_config(workdir)
-    classes = json.loads((workdir / "dataset_info.json").read_text())["class_names"]
+    config = workdir_lib.read_config(workdir)
+    classes = workdir_lib.read_info(workdir).class_names
     return dict(
         run=workdir.name,
         model=config.model.name,
@@ -170,7 +165,7 @@ def run_dirs(root: str | os.PathLike) -> list[epath.Path]:
     root = epath.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep root {root} does not exist")
-    return sorted(p for p in root.iterdir() if (p / "config.json").exists())
+    return sorted(p for p in root.iterdir() if workdir_lib.is_run(p))
 
 
 def load_evals(root: str | os.PathLike) -> list[EvalSpec] | None:
@@ -205,20 +200,16 @@ def collect(
     rows = []
     for workdir in tqdm.tqdm(run_dirs(root), desc="aggregate", unit="run", disable=not progress):
         row = describe_run(workdir)
-        step = final_step(workdir)
+        step = workdir_lib.latest_step(workdir)
         if step is None or step < row["total_steps"]:
             logging.warning("aggregate: %s is unfinished (step %s), left out", workdir, step)
             continue
-        specs = evals or default_evals(evaluate_lib.read_config(workdir))
+        specs = evals or default_evals(workdir_lib.read_config(workdir))
         results = evaluate_run(workdir, specs, step=step)
         row["step"] = step
         row["metrics"] = {name: metrics_of(r) for name, r in results.items()}
         rows.append(row)
     return rows
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -232,7 +223,7 @@ def table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         parts.append("|---|---|---:|---|---:|" + "---:|" * len(columns))
         for row in rows:
             metrics = row["metrics"].get(name, {})
-            cells = [_pct(metrics.get(c)) for c in columns]
+            cells = [metrics_lib.pct(metrics.get(c)) for c in columns]
             parts.append(
                 f"| {row['run']} | {row['model']} | {row['params'] / 1e6:.2f} | "
                 f"{row['strategy']} | {row['seed']} | " + " | ".join(cells) + " |"

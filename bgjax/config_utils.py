@@ -7,12 +7,16 @@ A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text af
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import flags
 
 _TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
@@ -153,3 +157,109 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"name": x}} -> {"model.name": x}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _literal(text: Any) -> Any:
+    """'128' -> 128, "('a','b')" -> tuple, 'in9' -> 'in9' (not a Python literal: kept as text)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict,
+    overrides: Mapping[str, Any],
+    *,
+    allow_new: bool = False,
+    frozen: Sequence[str] = (),
+    where: str = "",
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with dotted-key overrides `{"data.image_size": 128, ...}` applied.
+
+    Text values are parsed as Python literals when the key takes them ("128" -> 128). Unknown
+    keys are errors naming the keys there are, unless `allow_new`; keys under a `frozen` group
+    (e.g. "model" when a checkpoint fixes the architecture) are refused. `where` prefixes
+    errors.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    prefix = f"{where}: " if where else ""
+    for path, value in overrides.items():
+        if path.split(".")[0] in frozen:
+            raise ValueError(
+                f"{prefix}--config.{path}: {path.split('.')[0]} keys cannot be overridden at "
+                "evaluation, the checkpoint fixes the architecture"
+            )
+        *parents, leaf = path.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            if part not in node and allow_new:
+                node[part] = ml_collections.ConfigDict()
+            here = ".".join(parents[:depth]) or "<top level>"
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(
+                    f"{prefix}unknown config key {path!r}: {here} has no group {part!r}"
+                )
+            node = node[part]
+        if leaf not in node and not allow_new:
+            here = ".".join(parents) or "<top level>"
+            raise ValueError(
+                f"{prefix}unknown config key {path!r}; keys of {here}: "
+                f"{', '.join(sorted(node.keys()))}"
+            )
+        try:
+            node[leaf] = _literal(value)
+        except TypeError as e:
+            try:  # a text value for a text key that reads as a literal ("123" for a name)
+                node[leaf] = value
+            except TypeError:
+                raise ValueError(f"{prefix}--config.{path}={value!r}: {e}") from None
+    return config
+
+
+_OVERRIDE_FLAG = re.compile(r"^--?config\.([A-Za-z_][\w.]*)(?:=|$)")
+
+
+def define_override_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Define a text flag `config.<key>` for each `--config.<key>=value` in `argv`.
+
+    For commands that read a saved run (eval, the analyses): its keys are known only from the
+    workdir's config.json, read after flag parsing, so each override is taken as text here and
+    checked and typed by `apply_overrides`.
+    """
+    for arg in argv:
+        match = _OVERRIDE_FLAG.match(arg)
+        if match and f"config.{match[1]}" not in flag_values:
+            flags.DEFINE_string(
+                f"config.{match[1]}", None, "override of the saved config", flag_values=flag_values
+            )
+
+
+def override_flag_values(fv: flags.FlagValues = flags.FLAGS) -> dict[str, str]:
+    """{key: text} of the `--config.<key>` overrides given on the command line."""
+    return {
+        name[len("config.") :]: fv[name].value
+        for name in fv
+        if name.startswith("config.") and fv[name].present and isinstance(fv[name].value, str)
+    }
+
+
+def parse_flags_with_overrides(argv: Sequence[str]) -> list[str]:
+    """A command's `flags_parser` (see bgjax.cli): absl's, after `define_override_flags`."""
+    from absl import app
+
+    define_override_flags(argv)
+    return app.parse_flags_with_usage(list(argv))

@@ -42,7 +42,9 @@ from etils import epath
 
 from bgjax import aggregate, clflags, config_utils, plots, sweep
 from bgjax import data as data_lib
+from bgjax import metrics as metrics_lib
 from bgjax import train as train_lib
+from bgjax import workdir as workdir_lib
 
 ARCHS = ("convnext", "vit")
 # Demo strategy -> (configs/synthetic.py strategy, masks from the segmenter).
@@ -181,8 +183,8 @@ class Interrupted(Exception):
 
 def train_if_needed(config: ml_collections.ConfigDict, workdir: str) -> bool:
     """Train (or resume) unless the run is finished; True if it trained."""
-    sweep.check_same_config(workdir, config)
-    if sweep.is_finished(workdir, config.total_steps):
+    workdir_lib.check_same_config(workdir, config)
+    if workdir_lib.is_finished(workdir, config.total_steps):
         return False
     if train_lib.train(config, workdir)["preempted"]:
         raise Interrupted(f"interrupted during {workdir}; its checkpoint is saved")
@@ -353,8 +355,7 @@ def _model_summary(arch: str, s: Settings) -> dict[str, Any]:
     return dict(model, params=aggregate.count_params(config, NUM_CLASSES))
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+_pct = metrics_lib.pct
 
 
 TABLE_VARIANTS = ("original", "mixed_same", "mixed_rand", "only_bg_t", "only_fg")

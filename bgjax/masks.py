@@ -3,18 +3,20 @@
     config.mask_source = "gt"             # the batch's annotated masks
     config.mask_source = "runs/seg_cub"   # a `bgjax train --config configs/segmenter.py` workdir
 
-The masking paper (REFERENCE.md §2) predicts masks at test time with a segmentation network;
+The masking paper (Aniraj et al., ICCVW 2023) predicts masks at test time with a segmentation
+network;
 early masking is only usable on real images that way. A segmenter source runs ON THE
 ACCELERATOR INSIDE the classifier's jitted step: its parameters are an extra argument of the
 step (frozen: under `jax.lax.stop_gradient`, never updated), the images it sees are the
 classifier's already-normalised batch, and the mask is sigmoid(logit) > 0.5. No host round-trip.
 
-    source = masks.load(config.mask_source, image_size=config.data.image_size,
-                        mean=info.mean, std=info.std, mesh=mesh)
+    source = workdir.load_mask_source(config.mask_source, image_size=config.data.image_size,
+                                      mean=info.mean, std=info.std, mesh=mesh)
     def train_step(state, batch, mask_params):
-        images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = source.masks(mask_params, batch, images)   # gt: batch["mask"]
+        images, masks = source.inputs(batch, info.mean, info.std, mask_params, masked=True)
     jax.jit(train_step)(state, batch, source.params)
+
+This module is pure (no disk): `bgjax.workdir.load_mask_source` reads a segmenter's workdir.
 
 A segmenter trained with other normalisation statistics than the classifier gets its input
 re-normalised exactly (an affine map per channel), so any pair of datasets combines.
@@ -23,25 +25,18 @@ re-normalised exactly (an affine map per channel), so any pair of datasets combi
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 
+from bgjax.data import pipeline
 from bgjax.models import segmenter as segmenter_lib
 
 GT = "gt"
-SEGMENT_TASK = "segment"
-# IN-9 variants whose batch mask is the VISIBLE foreground, so a segmenter can be scored on them.
-# (only_bg_b / only_bg_t / no_fg remove the object but keep its mask: there it marks where the
-# object was, not what is in the picture.)
-SEGMENTATION_VARIANTS = ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next")
 
 
 def predict_masks(segmenter: nnx.Module, images: jax.Array) -> jax.Array:
@@ -89,6 +84,14 @@ class MaskSource:
         """The masks a step uses: the batch's own ("gt") or the segmenter's prediction."""
         return batch["mask"] if self.is_gt else self.predict(params, images)
 
+    def inputs(self, batch, mean, std, params: Any = None, *, masked: bool):
+        """(normalised images, masks or None) of a uint8 batch: what a model's call takes.
+        `params` default to `self.params` (jitted steps pass them as an argument)."""
+        images = pipeline.normalize(batch["image"], mean, std)
+        if not masked:
+            return images, None
+        return images, self.masks(self.params if params is None else params, batch, images)
+
 
 def from_model(
     segmenter: nnx.Module,
@@ -118,88 +121,7 @@ def from_model(
     )  # fmt: skip
 
 
-def read_segmenter_config(workdir: str | epath.PathLike) -> tuple[Any, dict]:
-    """(config, dataset_info dict) of a segmenter workdir, with clear errors when it is not one."""
-    workdir = epath.Path(workdir)
-    if not workdir.is_dir():
-        raise FileNotFoundError(
-            f"mask source {str(workdir)!r} is neither 'gt' nor an existing segmenter workdir"
-        )
-    files = {}
-    for name in ("config.json", "dataset_info.json"):
-        path = workdir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: is {workdir} a segmenter training workdir?")
-        files[name] = json.loads(path.read_text())
-    config = ml_collections.ConfigDict(files["config.json"])
-    task = config.get("task", "classify")
-    if task != SEGMENT_TASK:
-        raise ValueError(
-            f"mask source {str(workdir)!r} is a {task!r} run, not a segmenter "
-            f"(its config.json has task={task!r}; expected {SEGMENT_TASK!r})"
-        )
-    return config, files["dataset_info.json"]
-
-
-def check_image_size(workdir: str | epath.PathLike, segmenter_size: int, image_size: int) -> None:
-    if int(segmenter_size) != int(image_size):
-        raise ValueError(
-            f"segmenter {str(workdir)!r} was trained at image size {segmenter_size} px, but the "
-            f"classifier's config.data.image_size is {image_size} px: train a segmenter at "
-            f"{image_size} px or set the classifier's image size to {segmenter_size}"
-        )
-
-
-def load_segmenter(
-    workdir: str | epath.PathLike,
-    *,
-    image_size: int | None = None,
-    step: int | str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-):
-    """(model, config, info) of a trained segmenter workdir, its latest checkpoint by default.
-
-    Checks, before restoring anything: the workdir holds a segmenter run, its image size equals
-    `image_size` (when given) and it has a checkpoint; each failure names the path or sizes.
-    """
-    from bgjax import run  # imported when used: bgjax.run imports this module
-
-    workdir = epath.Path(workdir)
-    config, _ = read_segmenter_config(workdir)
-    if image_size is not None:
-        check_image_size(workdir, config.data.image_size, image_size)
-    ckpt_dir = workdir / "checkpoints"
-    steps = [p for p in ckpt_dir.iterdir() if p.name.isdigit()] if ckpt_dir.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(
-            f"segmenter workdir {workdir} has no checkpoint in {ckpt_dir}: train it first "
-            f"(bgjax train --config configs/segmenter.py --workdir {workdir})"
-        )
-    return run.restore_model(str(workdir), step=step, mesh=mesh)
-
-
-def load(
-    mask_source: str,
-    *,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    mesh: jax.sharding.Mesh | None = None,
-) -> MaskSource:
-    """`config.mask_source` -> a MaskSource. "gt": the batch's masks; otherwise the path of a
-    segmenter workdir, checked against the classifier's `image_size` and restored onto `mesh`
-    (its latest checkpoint). `mean`/`std` are the classifier's normalisation."""
-    if mask_source == GT:
-        return MaskSource()
-    if not mask_source:
-        raise ValueError("config.mask_source is empty: use 'gt' or a segmenter workdir")
-    model, config, info = load_segmenter(mask_source, image_size=image_size, mesh=mesh)
-    return from_model(
-        model,
-        mean=mean,
-        std=std,
-        segmenter_mean=info.mean,
-        segmenter_std=info.std,
-        name=str(mask_source),
-        image_size=int(config.data.image_size),
-    )
+def apply_model(model: nnx.Module, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Eval-mode logits of `model` on normalised images; the mask goes in only if it masks."""
+    masked = getattr(model, "masking", "none") != "none"
+    return model(x, mask if masked else None, train=False)

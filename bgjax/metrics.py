@@ -174,3 +174,8 @@ def four_buckets(original_correct, fg_correct, bg_correct, valid=None) -> dict[s
             "original_accuracy": _fraction(int(orig[rows].sum()), count),
         }
     return out
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage for tables ("—" when undefined)."""
+    return "—" if x is None else f"{100 * x:.{digits}f}"

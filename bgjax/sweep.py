@@ -40,9 +40,9 @@ import ml_collections
 from absl import app, logging
 from etils import epath
 
-from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags, config_utils
 from bgjax import train as train_lib  # defines the trainer's flags first (see clflags)
+from bgjax import workdir as workdir_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_MODES = ("local", "print")
@@ -67,7 +67,7 @@ class Run:
 
     def config(self) -> ml_collections.ConfigDict:
         config = config_utils.load_config(f"{resolve_path(self.base)}:{self.arg}")
-        return apply_overrides(config, dict(self.overrides), where=f"run {self.name}")
+        return config_utils.apply_overrides(config, dict(self.overrides), where=f"run {self.name}")
 
     def train_args(self, root: str) -> list[str]:
         """`bgjax train` arguments of this run (relative paths as the sweep config gave them)."""
@@ -85,35 +85,6 @@ def resolve_path(path: str) -> str:
     if candidate.exists():
         return str(candidate)
     raise FileNotFoundError(f"config file {path!r} not found (also looked in {REPO_ROOT})")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"model": {"name": x}} -> {"model.name": x}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Mapping[str, Any], *, where: str
-) -> ml_collections.ConfigDict:
-    """`config` with dotted-key overrides; each key must exist (an error names it otherwise)."""
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f"{where}: config key {key!r} does not exist in the base config")
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"{where}: config key {key!r} = {value!r}: {e}") from None
-    return config
 
 
 def cli_value(value: Any) -> str:
@@ -150,7 +121,7 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Run]:
         if len(set(names)) != len(names):
             raise ValueError(f"sweep axis {axis!r} has points with equal names: {names}")
     base_arg = _parse_arg_text(sweep.get("base_arg") or "")
-    fixed = flatten(sweep.get("overrides") or {})
+    fixed = config_utils.flatten(sweep.get("overrides") or {})
     runs = []
     for combo in itertools.product(*(points for _, points in axes)):
         arg, overrides = dict(base_arg), dict(fixed)
@@ -183,43 +154,7 @@ def _parse_arg_text(text: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run state
-
-
-def final_step(workdir: str | os.PathLike) -> int | None:
-    """The newest complete checkpoint step of a training workdir, or None."""
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return None
-    steps = [
-        int(p.name)
-        for p in ckpt_dir.iterdir()
-        if p.name.isdigit() and p.is_dir() and checkpoint_lib.is_finalized(p)
-    ]
-    return max(steps, default=None)
-
-
-def is_finished(workdir: str | os.PathLike, total_steps: int) -> bool:
-    step = final_step(workdir)
-    return step is not None and step >= total_steps
-
-
-def check_same_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Refuse to resume a workdir that was trained with another config (the grid changed)."""
-    saved_path = epath.Path(workdir) / "config.json"
-    if not saved_path.exists():
-        return
-    saved = json.loads(saved_path.read_text())
-    wanted = json.loads(config.to_json_best_effort())
-    differ = sorted(
-        k for k in set(flatten(saved)) | set(flatten(wanted))
-        if flatten(saved).get(k) != flatten(wanted).get(k)
-    )  # fmt: skip
-    if differ:
-        raise ValueError(
-            f"{saved_path} was written with another config (keys {', '.join(differ[:8])} "
-            "differ); use another --workdir or delete that run"
-        )
+# The manifest
 
 
 def write_manifest(root: str, sweep: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
@@ -252,8 +187,8 @@ def run_local(root: str, runs: Sequence[Run], *, progress: bool = True) -> dict[
         bar.set_postfix_str(run.name)
         workdir = os.path.join(root, run.name)
         config = run.config()
-        check_same_config(workdir, config)
-        if is_finished(workdir, config.total_steps):
+        workdir_lib.check_same_config(workdir, config)
+        if workdir_lib.is_finished(workdir, config.total_steps):
             logging.info("sweep: %s is finished, skipping", run.name)
             status[run.name] = "skipped"
             continue

@@ -14,9 +14,9 @@ saves at the next step boundary and exits 0.
 Workdir: config.json (the resolved config), dataset_info.json (classes, normalisation),
 metrics.jsonl (+ TensorBoard events when tensorboardX is installed), checkpoints/<step>/.
 
-Here: the loss, batch mixing and the train step (`make_train_step`, `jit_train_step`), the loop
-and the command line. What evaluation shares with training (the model, the state layout, the
-evaluation loop, `restore_model`) is in the flag-free `bgjax.run`.
+Here: the train step (`make_train_step`, `jit_train_step`), the loop and the command line. The
+task (`bgjax.tasks`: targets, loss, the evaluator) and the state layout (`bgjax.train_state`)
+are shared with evaluation; the workdir's files are written and read by `bgjax.workdir`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from etils import epath
 from flax import nnx
 
 from bgjax import checkpoint as checkpoint_lib
-from bgjax import clflags, config_utils, parallel, xla_options
+from bgjax import clflags, config_utils, parallel, tasks, xla_options
 from bgjax import data as data_lib
 from bgjax import masks as masks_lib
-from bgjax import run as run_lib
+from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
-from bgjax.models import segmenter as segmenter_lib
+from bgjax.train_state import Setup, make_setup
 
 # clflags: idempotent definitions, so `bgjax demo` / tests can import several command modules.
 _CONFIG = clflags.config_file("config", "Training config: configs/<experiment>.py[:k=v,...]")
@@ -53,38 +53,14 @@ _COORDINATOR = clflags.string(
 _NUM_PROCESSES = clflags.integer("num_processes", None, "env BGJAX_NUM_PROCESSES.")
 _PROCESS_ID = clflags.integer("process_id", None, "env BGJAX_PROCESS_ID.")
 
-# ---------------------------------------------------------------------------------------------
-# Tasks (see `bgjax.run`): the classifier's and the segmenter's losses and accuracies.
 
-
-def task_loss(config, logits, targets):
-    """Soft-label cross-entropy, or BCE (+ Dice) against the (B, H, W) foreground masks."""
-    if run_lib.is_segmenter(config):
-        dice = config.loss.get("dice_weight", 0.0)
-        return segmenter_lib.segmentation_loss(logits, targets, dice_weight=dice)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
-def task_accuracy(config, logits, labels):
-    """Top-1 accuracy, or pixel accuracy of the segmenter."""
-    if run_lib.is_segmenter(config):
-        return jnp.mean(segmenter_lib.predict_mask(logits) == labels)
-    return jnp.mean(jnp.argmax(logits, -1) == labels)
-
-
-def load_init_weights(state: dict, setup: run_lib.Setup, path: str) -> dict:
-    """Params from a timm-format checkpoint: a classifier's (a head of another class count stays
-    as initialised) or, for a segmenter, its encoder's."""
+def load_init_weights(state: dict, setup: Setup, path: str, config) -> dict:
+    """Params from a timm-format checkpoint (`config.model.init`), loaded as the task says
+    (a classifier's head of another class count stays as initialised; a segmenter's encoder)."""
     from bgjax.models import timm_io
 
     model = nnx.merge(setup.graphdef, state["params"], state["rest"])
-    weights = timm_io.read_weights(path)
-    if isinstance(model, segmenter_lib.Segmenter):  # the weights are the encoder's
-        segmenter_lib.load_timm_encoder(model, weights)
-    else:
-        heads = [np.shape(v)[0] for k, v in weights.items() if k in timm_io.HEAD_KEYS]
-        skip = timm_io.HEAD_KEYS if any(n != model.num_classes for n in heads) else ()
-        timm_io.load_timm_state_dict(model, weights, skip=skip)
+    tasks.get(config).load_init_weights(model, timm_io.read_weights(path))
     _, params, rest = nnx.split(model, setup.trainable, ...)
     state = dict(state, params=params, rest=rest)
     if "ema" in state:
@@ -93,48 +69,7 @@ def load_init_weights(state: dict, setup: run_lib.Setup, path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss, batch mixing, steps
-
-
-def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    return onehot * (1.0 - smoothing) + smoothing / num_classes
-
-
-def mix_batch(key, images, masks, targets, *, mixup_alpha: float, cutmix_alpha: float, switch_prob):
-    """timm-style batch mixing with the flipped batch: mixup (blend) or cutmix (paste a box),
-    one lam per batch. Masks follow the pixels (mixup: the union of both foregrounds)."""
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-        return images, masks, targets
-    k_switch, k_mix, k_cut, k_box = jax.random.split(key, 4)
-    use_cutmix = (
-        jax.random.uniform(k_switch) < switch_prob
-        if mixup_alpha > 0 and cutmix_alpha > 0
-        else jnp.asarray(cutmix_alpha > 0)
-    )
-    flipped = lambda x: None if x is None else x[::-1]
-    _, height, width = images.shape[:3]
-    # cutmix: a box of area (1 - lam) at a uniform centre, clipped; lam corrected to the clip.
-    lam_cut = jax.random.beta(k_cut, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3))
-    cut = jnp.sqrt(1.0 - lam_cut)
-    cy, cx = jax.random.uniform(k_box, (2,)) * jnp.array([height, width])
-    y0, y1 = jnp.clip(cy - cut * height / 2, 0, height), jnp.clip(cy + cut * height / 2, 0, height)
-    x0, x1 = jnp.clip(cx - cut * width / 2, 0, width), jnp.clip(cx + cut * width / 2, 0, width)
-    ys, xs = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
-    box = (
-        (ys >= jnp.floor(y0)) & (ys < jnp.floor(y1)) & (xs >= jnp.floor(x0)) & (xs < jnp.floor(x1))
-    )
-    lam_cut = 1.0 - box.mean()
-    lam_mix = jax.random.beta(k_mix, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3))
-    lam = jnp.where(use_cutmix, lam_cut, lam_mix)
-    cut_images = jnp.where(box[None, :, :, None], flipped(images), images)
-    mix_images = lam_mix * images + (1.0 - lam_mix) * flipped(images)
-    images = jnp.where(use_cutmix, cut_images, mix_images)
-    if masks is not None:
-        cut_masks = jnp.where(box[None], flipped(masks), masks)
-        masks = jnp.where(use_cutmix, cut_masks, jnp.maximum(masks, flipped(masks)))
-    targets = lam * targets + (1.0 - lam) * flipped(targets)
-    return images, masks, targets
+# The train step
 
 
 def _micro_batches(x: jax.Array, count: int) -> jax.Array:
@@ -145,45 +80,34 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
 
 def make_train_step(
     config: ml_collections.ConfigDict,
-    setup: run_lib.Setup,
+    setup: Setup,
     info: data_lib.DatasetInfo,
     mask_source: masks_lib.MaskSource | None = None,
 ) -> Callable[[dict, dict, Any], tuple[dict, dict]]:
     """(state, global batch, mask-source params) -> (state, metrics); pure, to be jitted with
-    the state donated."""
-    lcfg, ocfg = config.loss, config.optimizer
+    the state donated. The task (`bgjax.tasks`) gives the targets, the loss and the accuracy."""
+    ocfg = config.optimizer
     accum = int(ocfg.get("grad_accum", 1))
     ema_decay = float(ocfg.get("ema_decay", 0.0))
     masked = config.model.masking != "none"
-    segment = run_lib.is_segmenter(config)
+    task = tasks.get(config)
+    mask_source = mask_source or masks_lib.MaskSource()
     graphdef, trainable = setup.graphdef, setup.trainable
 
     def loss_fn(params, rest, images, masks, targets):
         model = nnx.merge(graphdef, params, rest)
         logits = model(images, mask=masks, train=True).astype(jnp.float32)
         _, _, rest = nnx.split(model, trainable, ...)  # advanced dropout / drop-path streams
-        return task_loss(config, logits, targets), (rest, logits)
+        return task.loss(config, logits, targets), (rest, logits)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: dict, batch: dict, mask_params: Any = None) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        images = pipeline.normalize(batch["image"], info.mean, info.std)
-        masks = run_lib.masks_for_batch(batch, images, mask_source, mask_params) if masked else None
-        if segment:  # the target is the mask itself: nothing to smooth or mix
-            targets = labels = batch["mask"]
-        else:
-            labels = batch["label"]
-            targets = soft_targets(labels, info.num_classes, lcfg.label_smoothing)
-            images, masks, targets = mix_batch(
-                key,
-                images,
-                masks,
-                targets,
-                mixup_alpha=lcfg.mixup_alpha,
-                cutmix_alpha=lcfg.cutmix_alpha,
-                switch_prob=lcfg.switch_prob,
-            )
+        images, masks = mask_source.inputs(batch, info.mean, info.std, mask_params, masked=masked)
+        images, masks, targets, labels = task.targets(
+            config, info.num_classes, key, batch, images, masks
+        )
         params = state["params"]
 
         def micro_step(carry, xs):
@@ -193,7 +117,7 @@ def make_train_step(
                 params, rest, images, masks, targets
             )
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            accuracy = accuracy + task_accuracy(config, logits, labels)
+            accuracy = accuracy + task.accuracy(logits, labels)
             return (grads, rest, loss + micro_loss, accuracy), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -227,7 +151,7 @@ def make_train_step(
 
 def jit_train_step(
     config: ml_collections.ConfigDict,
-    setup: run_lib.Setup,
+    setup: Setup,
     info: data_lib.DatasetInfo,
     mesh: jax.sharding.Mesh,
     mask_source: masks_lib.MaskSource | None = None,
@@ -305,6 +229,13 @@ def _summarise(pending: list[tuple[int, dict]], ckpt_dir: epath.Path) -> dict[st
 # The run
 
 
+def variant_names(variant: str | Mapping[str, float]) -> tuple[str, ...]:
+    """config.train_variant (a name or {name: weight}) -> the variants it draws from."""
+    if isinstance(variant, str):
+        return (variant,)
+    return tuple(name for name, weight in variant.items() if weight > 0)
+
+
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Errors a run would otherwise hit late (after compiling or on a checkpoint step)."""
     accum = int(config.optimizer.get("grad_accum", 1))
@@ -317,8 +248,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     for key in ("total_steps", "log_every_steps"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if run_lib.is_segmenter(config) and (config.loss.mixup_alpha or config.loss.cutmix_alpha):
-        raise ValueError("task='segment' trains on masks: set loss.mixup_alpha/cutmix_alpha to 0")
+    tasks.get(config).check_config(config)
     if config.checkpoint.every_steps <= 0:
         raise ValueError(
             f"checkpoint.every_steps must be positive: {config.checkpoint.every_steps}"
@@ -336,12 +266,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Data: this process's shard of the training stream; the source's info sizes the model.
     train_source = data_lib.get_source(config.data, "train")
     info = train_source.info
-    train_variants = run_lib.variant_names(config.train_variant)
-    run_lib.require_masks(train_source, train_variants, config, command="bgjax train")
+    train_variants = variant_names(config.train_variant)
+    tasks.require_masks(train_source, train_variants, config, command="bgjax train")
     eval_every = config.eval.every_steps
     if eval_every:
         eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
-        run_lib.require_masks(eval_source, config.eval.variants, config, command="bgjax train")
+        tasks.require_masks(eval_source, config.eval.variants, config, command="bgjax train")
     train_iter = iter(
         pipeline.build(
             train_source,
@@ -356,12 +286,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     )
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "dataset_info.json").write_text(run_lib.dataset_info_json(info))
+        workdir_lib.write_run_files(workdir, config, info)
 
     # Model + optimizer: shapes and shardings first; arrays only when nothing can be restored.
-    setup = run_lib.make_setup(config, info, mesh)
+    setup = make_setup(config, info, mesh)
     ckpt_cfg = config.checkpoint
     ckpt = checkpoint_lib.Checkpointer(
         workdir / "checkpoints",
@@ -379,24 +307,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         start = 0
         state = setup.init()
         if config.model.init:
-            state = load_init_weights(state, setup, config.model.init)
+            state = load_init_weights(state, setup, config.model.init, config)
 
-    mask_source = run_lib.load_mask_source(
+    mask_source = workdir_lib.load_mask_source(
         config.mask_source,
         image_size=config.data.image_size,
         mean=info.mean,
         std=info.std,
         mesh=mesh,
     )
-    mask_params = None if mask_source is None else mask_source.params
+    mask_params = mask_source.params
     train_step = jit_train_step(config, setup, info, mesh, mask_source)
-    repl = parallel.replicated(mesh)
-    if eval_every:
-        eval_step = jax.jit(
-            run_lib.make_eval_step(config, setup.graphdef, info, mask_source),
-            out_shardings=repl,
-            compiler_options=xla_options.compiler_options(),
-        )
+    evaluator = tasks.get(config).Evaluator(
+        setup.graphdef, mesh, num_classes=info.num_classes, mean=info.mean, std=info.std,
+        masked=config.model.masking != "none", mask_source=mask_source,
+    )  # fmt: skip
     eval_params = "ema" if config.eval.use_ema and "ema" in setup.abstract else "params"
 
     writer = MetricWriter(workdir, is_main)
@@ -428,10 +353,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress.update(step - progress.n)
                     eval_metrics = None
                     if do_eval:
-                        eval_metrics = run_lib.evaluate(
-                            eval_step, state[eval_params], state["rest"], mask_params,
-                            eval_source, config, mesh,
+                        results = evaluator(
+                            state[eval_params], state["rest"], eval_source, config.eval.variants,
+                            batch_size=config.eval.batch_size, image_size=config.data.image_size,
+                            seed=config.seed, mask_params=mask_params,
                         )  # fmt: skip
+                        eval_metrics = tasks.get(config).log_metrics(results)
                         logged.update(eval_metrics)
                     writer.write(step, logged)
                     summary.update(logged, step=step)

@@ -371,3 +371,17 @@ def alpha_composite(image: np.ndarray, alpha: np.ndarray, background: np.ndarray
         out[..., c] *= alpha
     out += bg
     return np.rint(out, out=out).astype(np.uint8)
+
+
+def parse(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'all' / None -> every variant; 'a,b' or [a, b] -> those, checked against VARIANTS."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec or ["all"])
+    names = [n.strip() for n in names if n.strip()]
+    if not names or names == ["all"]:
+        return VARIANTS
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"unknown variant(s) {', '.join(unknown)}; valid: all, {', '.join(VARIANTS)}"
+        )
+    return tuple(dict.fromkeys(names))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from bgjax import config_utils, models, optim, run, train
+from bgjax import config_utils, models, optim, tasks, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -42,7 +42,7 @@ def test_config_is_complete_and_consistent(name, arg):
 @pytest.mark.parametrize("arch", ["convnext", "vit"])
 def test_tiny_models_build_with_their_config_overrides(arch):
     config = config_utils.load_config(f"{CONFIGS / 'cub.py'}:arch={arch},size=tiny,strategy=late")
-    model = nnx.eval_shape(lambda: run.make_model(config, num_classes=200))
+    model = nnx.eval_shape(lambda: tasks.make_model(config, num_classes=200))
     assert model.masking == "late"
     n_params = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param)))
     assert n_params < 200_000

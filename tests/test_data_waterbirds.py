@@ -186,19 +186,19 @@ def test_train_refuses_runs_needing_masks_up_front(trees, tmp_path, change, faul
 
 
 def test_require_masks_accepts_what_needs_no_dataset_masks(trees):
-    from bgjax import run
+    from bgjax import tasks
 
     plain = get_source(ConfigDict(dict(name="waterbirds", root=str(trees["release"]))), "val")
     config = _run_config(trees, masking="early")
     with pytest.raises(ValueError, match="cub_root.*; or, for masking, .*segmenter workdir"):
-        run.require_masks(plain, ["original"], config, command="bgjax eval")
-    run.require_masks(plain, ["original"], _run_config(trees), command="bgjax eval")  # plain
+        tasks.require_masks(plain, ["original"], config, command="bgjax eval")
+    tasks.require_masks(plain, ["original"], _run_config(trees), command="bgjax eval")  # plain
     config.mask_source = str(trees["release"])  # any segmenter workdir: masks are predicted
-    run.require_masks(plain, ["original"], config, command="bgjax eval")
+    tasks.require_masks(plain, ["original"], config, command="bgjax eval")
     with pytest.raises(ValueError, match="variants no_fg, mixed_same .only 'original'"):
-        run.require_masks(plain, ["original", "no_fg", "mixed_same"], config, command="x")
+        tasks.require_masks(plain, ["original", "no_fg", "mixed_same"], config, command="x")
     masked = waterbirds.WaterbirdsRelease(trees["release"], "val", cub_root=trees["cub"])
-    run.require_masks(
+    tasks.require_masks(
         masked, ["original", "no_fg"], _run_config(trees, masking="late"), command="x"
     )
 
@@ -224,7 +224,7 @@ def test_aggregate_refuses_before_restoring(trees, tmp_path, monkeypatch):
     from bgjax import aggregate
 
     (tmp_path / "config.json").write_text(_run_config(trees, masking="early").to_json())
-    monkeypatch.setattr(aggregate.evaluate_lib, "restore", lambda *a, **k: pytest.fail("restored"))
+    monkeypatch.setattr(aggregate.workdir_lib, "restore", lambda *a, **k: pytest.fail("restored"))
     spec = aggregate.EvalSpec("iid", "test", ("original",))
     with pytest.raises(ValueError, match=r"evaluation 'iid' of .*: dataset 'waterbirds' \(test"):
         aggregate.evaluate_run(tmp_path, [spec], step=1)

@@ -21,8 +21,11 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from bgjax import evaluate, metrics, parallel, variants
-from bgjax.data import DatasetInfo
+from bgjax import config_utils, evaluate, metrics, parallel, tasks, variants
+from bgjax import data as data_lib
+from bgjax import workdir as workdir_lib
+from bgjax.data import DatasetInfo, pipeline
+from bgjax.tasks import classify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,11 +100,18 @@ def mesh():
     return parallel.make_mesh([("data", -1)])
 
 
-def score(model, mesh, names=variants.VARIANTS):
-    return evaluate.score(
-        model, CodedSource(), variant_names=names, mesh=mesh, batch_size=BATCH,
-        image_size=SIZE, seed=0, mean=(0, 0, 0), std=(1, 1, 1),
+def evaluator(model, mesh):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ev = classify.Evaluator(
+        graphdef, mesh, num_classes=model.num_classes, mean=(0, 0, 0), std=(1, 1, 1),
+        masked=False,
     )  # fmt: skip
+    return ev, params, rest
+
+
+def score(model, mesh, names=variants.VARIANTS):
+    ev, params, rest = evaluator(model, mesh)
+    return ev(params, rest, CodedSource(), names, batch_size=BATCH, image_size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +164,9 @@ def test_foreground_reader_groups_and_buckets_are_exact(centre_results):
 
 def test_predictions_keep_every_example_in_index_order(mesh):
     model = CodeReader(range(9), 9, CENTRE, 0)
-    step = evaluate.make_predict_step(model, mesh, mean=(0, 0, 0), std=(1, 1, 1))
+    ev, params, rest = evaluator(model, mesh)
     for name in ("original", "mixed_rand"):
-        p = evaluate.predict_variant(
-            step, CodedSource(), name, batch_size=BATCH, image_size=SIZE, seed=0, mesh=mesh
-        )
+        p = ev.predict(params, rest, CodedSource(), name, batch_size=BATCH, image_size=SIZE, seed=0)
         np.testing.assert_array_equal(p["pred"], CODE)
         np.testing.assert_array_equal(p["label"], LABEL)
         np.testing.assert_array_equal(p["habitat"], HABITAT)
@@ -171,7 +179,7 @@ def test_background_reader_bg_gap(mesh):
     assert r["variants"]["mixed_same"]["accuracy"] == 1.0  # same-class donor: same label code
     assert r["variants"]["mixed_next"]["accuracy"] == 0.0  # donor of the next class
     # mixed_rand: the donor class is random; recount it on the host from the composites.
-    rand = evaluate.load_examples(CodedSource(), "mixed_rand", image_size=SIZE, seed=0)
+    rand = pipeline.load_examples(CodedSource(), "mixed_rand", image_size=SIZE, seed=0)
     donor_label = (rand["image"][:, 0, 0, 1].astype(int) - 20) // 20
     expected = float(np.mean(donor_label == LABEL))
     assert 0 < expected < 1
@@ -202,11 +210,11 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
 
     def from_timm(name, weights):
         loaded.update(name=name, weights=weights)
-        mean, std = evaluate.IMAGENET_MEAN, evaluate.IMAGENET_STD
+        mean, std = data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD
         return CodeReader((151, 7, 171, 0, 999, 407), 1000, CENTRE, 0, mean, std)
 
     monkeypatch.setattr(models, "from_timm", from_timm)
-    monkeypatch.setattr(evaluate.data_lib, "get_source", lambda config, split: CodedSource())
+    monkeypatch.setattr(data_lib, "get_source", lambda config, split: CodedSource())
     weights = tmp_path / "w.safetensors"
     r = evaluate.evaluate_pretrained(
         "convnext_tiny", weights, "coded", out_dir=tmp_path / "out", variant_names=("original",),
@@ -219,8 +227,6 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
 
 
 def test_example_index_matches_the_multi_process_layout():
-    from bgjax.data import pipeline
-
     source, procs, batch = CodedSource(), 2, BATCH
     per_process = [
         list(
@@ -235,7 +241,7 @@ def test_example_index_matches_the_multi_process_layout():
     rows = [per_process[p][k] for k in range(num_batches) for p in range(procs)]
     label = np.concatenate([r["label"] for r in rows])
     valid = np.concatenate([r["valid"] for r in rows])
-    index = evaluate._example_index(num_batches, batch, procs)
+    index = classify.example_index(num_batches, batch, procs)
     assert valid.sum() == LABEL.size
     np.testing.assert_array_equal(label[valid], LABEL[index[valid]])
     np.testing.assert_array_equal(np.sort(index[valid]), np.arange(LABEL.size))
@@ -243,7 +249,7 @@ def test_example_index_matches_the_multi_process_layout():
 
 def test_results_files(centre_results, tmp_path):
     results = dict(centre_results, step=7, dataset="coded", split="test", model="m")
-    paths = evaluate.write_results(results, tmp_path / "out")
+    paths = tasks.write_results(results, tmp_path / "out")
     with open(paths["json"]) as f:
         loaded = json.load(f)
     assert loaded["variants"]["original"]["count"] == 22
@@ -266,59 +272,59 @@ def _fake_steps(workdir, steps, unfinished=()):
 
 def test_steps_are_listed_and_checked(tmp_path):
     _fake_steps(tmp_path, (10, 2, 30), unfinished=(40,))
-    assert evaluate.available_steps(tmp_path) == [2, 10, 30]
-    assert evaluate.resolve_steps(tmp_path) == [30]
-    assert evaluate.resolve_steps(tmp_path, all_steps=True) == [2, 10, 30]
+    assert workdir_lib.steps(tmp_path) == [2, 10, 30]
+    assert workdir_lib.resolve_steps(tmp_path) == [30]
+    assert workdir_lib.resolve_steps(tmp_path, all_steps=True) == [2, 10, 30]
     with pytest.raises(ValueError, match="step 5 does not exist.*available steps: 2, 10, 30"):
-        evaluate.resolve_steps(tmp_path, 5)
+        workdir_lib.resolve_steps(tmp_path, 5)
     with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
-        evaluate.resolve_steps(tmp_path / "nope")
+        workdir_lib.resolve_steps(tmp_path / "nope")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        evaluate.available_steps(tmp_path / "empty")
+        workdir_lib.steps(tmp_path / "empty")
 
 
 def test_missing_workdir_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
-        evaluate.restore(tmp_path / "missing")
+        workdir_lib.restore(tmp_path / "missing")
     _fake_steps(tmp_path, (1,))
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        evaluate.restore(tmp_path)
+        workdir_lib.restore(tmp_path)
 
 
 def test_variants_are_checked():
-    assert evaluate.parse_variants("all") == variants.VARIANTS
-    assert evaluate.parse_variants("mixed_rand, original") == ("mixed_rand", "original")
+    assert variants.parse("all") == variants.VARIANTS
+    assert variants.parse("mixed_rand, original") == ("mixed_rand", "original")
     with pytest.raises(ValueError, match="unknown variant.*mixd_rand.*valid: all, original"):
-        evaluate.parse_variants("original,mixd_rand")
+        variants.parse("original,mixd_rand")
 
 
 def test_config_overrides():
     config = ml_collections.ConfigDict(dict(seed=0, data=dict(name="synthetic", image_size=32)))
-    out = evaluate.apply_overrides(config, {"data.image_size": "64", "data.name": "in9"})
+    out = config_utils.apply_overrides(config, {"data.image_size": "64", "data.name": "in9"})
     assert out.data.image_size == 64 and out.data.name == "in9" and config.data.image_size == 32
     with pytest.raises(ValueError, match="unknown config key 'data.imagesize'.*image_size"):
-        evaluate.apply_overrides(config, {"data.imagesize": "64"})
+        config_utils.apply_overrides(config, {"data.imagesize": "64"})
     with pytest.raises(ValueError, match="model keys cannot be overridden"):
-        evaluate.apply_overrides(config, {"model.masking": "early"})
+        config_utils.apply_overrides(config, {"model.masking": "early"}, frozen=("model",))
     with pytest.raises(ValueError, match="--config.data.image_size"):
-        evaluate.apply_overrides(config, {"data.image_size": "big"})
-    new = evaluate.apply_overrides(config, {"data.root": "/x"}, allow_new=True)
+        config_utils.apply_overrides(config, {"data.image_size": "big"})
+    new = config_utils.apply_overrides(config, {"data.root": "/x"}, allow_new=True)
     assert new.data.root == "/x"
 
 
 def test_override_flags_are_collected():
     fv = flags.FlagValues()
     argv = ["prog", "--config.data.image_size=64", "--config.seed", "3"]
-    evaluate.define_override_flags(argv, fv)
+    config_utils.define_override_flags(argv, fv)
     fv(argv)
-    assert evaluate.override_flag_values(fv) == {"data.image_size": "64", "seed": "3"}
+    assert config_utils.override_flag_values(fv) == {"data.image_size": "64", "seed": "3"}
 
 
 def test_evaluation_and_analyses_do_not_import_the_trainer():
-    """`bgjax eval` and the analyses restore models through the flag-free `bgjax.run`."""
+    """`bgjax eval` and the analyses restore models through the flag-free `bgjax.workdir`."""
     code = (
-        "import sys; from absl import flags; import bgjax.run; "
+        "import sys; from absl import flags; import bgjax.workdir; "
         "assert 'config' not in flags.FLAGS and 'workdir' not in flags.FLAGS; "
         "import bgjax.evaluate, bgjax.analysis.adversarial, bgjax.analysis.compare, "
         "bgjax.analysis.saliency; assert 'bgjax.train' not in sys.modules"
@@ -349,7 +355,7 @@ def test_eval_adversarial_saliency_compare_on_a_trained_workdir(trained_workdir)
     from bgjax.analysis import adversarial, compare, saliency
 
     workdir = trained_workdir
-    assert evaluate.available_steps(workdir) == [1, 2]
+    assert workdir_lib.steps(workdir) == [1, 2]
     # 22 validation images, batch 8 over 4 devices: the last batch is padded.
     overrides = {"data.val_size": "22"}
     results = evaluate.evaluate_checkpoint(workdir, split="val", overrides=overrides, batch_size=8)

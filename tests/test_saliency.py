@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bgjax import evaluate, parallel
+from bgjax import parallel
 from bgjax.analysis import saliency
+from bgjax.data import pipeline
+from bgjax.masks import apply_model
 from bgjax.models import convnext, vit
 
 SIZE, N = 32, 6  # 6 images over 4 devices: the last batch is padded
@@ -69,13 +71,11 @@ def test_early_masking_puts_all_input_saliency_on_the_foreground(data, mesh):
 def test_grad_cam_equals_the_gradient_of_the_head_on_convnext_features(data, mesh):
     model = tiny_convnext("none")
     images, masks, labels = data
-    x = evaluate.pipeline.normalize(jnp.asarray(images), MEAN, STD)
+    x = pipeline.normalize(jnp.asarray(images), MEAN, STD)
     graphdef, state = nnx.split(model)
     # Stage 3 of 4 (a 2x2 grid at 32 px): the tap's gradient flows through the last stage.
     layer = -2
-    cam = jitted_grad_cam(
-        graphdef, state, x, None, jnp.asarray(labels), evaluate.apply_model, layer
-    )
+    cam = jitted_grad_cam(graphdef, state, x, None, jnp.asarray(labels), apply_model, layer)
 
     @jax.jit
     def expected_cam(state, x):
@@ -98,9 +98,9 @@ def test_grad_cam_equals_the_gradient_of_the_head_on_convnext_features(data, mes
 def test_grad_cam_on_a_cls_pooled_vit_reads_the_patch_grid(data, mesh):
     model = vit.vit_custom(num_classes=3, img_size=SIZE, head_pool="cls")
     images, masks, labels = data
-    x = evaluate.pipeline.normalize(jnp.asarray(images), MEAN, STD)
+    x = pipeline.normalize(jnp.asarray(images), MEAN, STD)
     graphdef, state = nnx.split(model)
-    cam = jitted_grad_cam(graphdef, state, x, None, jnp.asarray(labels), evaluate.apply_model)
+    cam = jitted_grad_cam(graphdef, state, x, None, jnp.asarray(labels), apply_model)
     assert cam.shape == (N, SIZE // 8, SIZE // 8)
     assert np.isfinite(cam).all() and float(cam.max()) > 0  # the last block's input reaches CLS
 
@@ -126,4 +126,4 @@ def test_unknown_architecture_is_an_error():
     graphdef, state = nnx.split(Plain())
     x = jnp.zeros((1, 8, 8, 3))
     with pytest.raises(ValueError, match="Grad-CAM needs a ConvNeXt"):
-        saliency.grad_cam(graphdef, state, x, None, jnp.zeros(1, int), evaluate.apply_model)
+        saliency.grad_cam(graphdef, state, x, None, jnp.zeros(1, int), apply_model)

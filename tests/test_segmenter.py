@@ -10,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from bgjax import config_utils, evaluate, masks, models, parallel, run, train
+from bgjax import config_utils, evaluate, masks, models, parallel, train, train_state
 from bgjax import data as data_lib
+from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
 from bgjax.models import segmenter as seg
 from bgjax.models import timm_io
@@ -139,7 +140,7 @@ def test_segmenter_rejects_a_masking_encoder():
 
 
 def test_gt_source_passes_the_batch_masks_through():
-    source = masks.load("gt", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    source = workdir_lib.load_mask_source("gt", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     batch = dict(mask=jnp.ones((2, 4, 4), jnp.uint8))
     assert source.is_gt and source.params is None
     assert source.masks(None, batch, jnp.zeros((2, 4, 4, 3))) is batch["mask"]
@@ -201,20 +202,20 @@ def test_segmenter_workdir_errors_name_the_path_or_sizes(tmp_path):
     kwargs = dict(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        masks.load(str(missing), **kwargs)
+        workdir_lib.load_mask_source(str(missing), **kwargs)
     no_ckpt = _fake_workdir(tmp_path / "seg_no_ckpt")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*seg_no_ckpt/checkpoints"):
-        masks.load(str(no_ckpt), **kwargs)
+        workdir_lib.load_mask_source(str(no_ckpt), **kwargs)
     other_size = _fake_workdir(tmp_path / "seg64", image_size=64)
     with pytest.raises(ValueError, match=r"image size 64 px.*image_size is 32 px"):
-        masks.load(str(other_size), **kwargs)
+        workdir_lib.load_mask_source(str(other_size), **kwargs)
     classifier = _fake_workdir(tmp_path / "cls", task="classify")
     with pytest.raises(ValueError, match="not a segmenter"):
-        masks.load(str(classifier), **kwargs)
+        workdir_lib.load_mask_source(str(classifier), **kwargs)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        masks.load(str(empty), **kwargs)
+        workdir_lib.load_mask_source(str(empty), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
     source = data_lib.get_source(config.data, "train")
     info = source.info
     mesh = parallel.make_mesh(config.mesh)
-    setup = run.make_setup(config, info, mesh)
+    setup = train_state.make_setup(config, info, mesh)
     state = setup.init()
     model = nnx.merge(setup.graphdef, state["params"], state["rest"])
     first = pipeline.build(
@@ -275,7 +276,9 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
     )
     batch = next(iter(first))
     images = pipeline.normalize(jnp.asarray(batch["image"]), info.mean, info.std)
-    mask_source = masks.load(str(seg_dir), image_size=32, mean=info.mean, std=info.std)
+    mask_source = workdir_lib.load_mask_source(
+        str(seg_dir), image_size=32, mean=info.mean, std=info.std
+    )
     predicted = jax.jit(mask_source.predict)(mask_source.params, images)
     labels = jax.nn.one_hot(batch["label"], info.num_classes)
 
@@ -305,4 +308,4 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
 
     # The real workdir checked against a classifier of another size.
     with pytest.raises(ValueError, match=r"trained at image size 32 px.*is 64 px"):
-        masks.load(str(seg_dir), image_size=64, mean=info.mean, std=info.std)
+        workdir_lib.load_mask_source(str(seg_dir), image_size=64, mean=info.mean, std=info.std)

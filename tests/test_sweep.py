@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bgjax import aggregate, config_utils, sweep
+from bgjax import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"{REPO}/configs/sweeps/synthetic_tiny.py"
@@ -75,7 +76,7 @@ def test_local_launch_trains_then_skips(swept):
     assert first == {r.name: "trained" for r in runs}
     assert second == {r.name: "skipped" for r in runs}
     for run in runs:
-        assert sweep.final_step(Path(root) / run.name) == run.config().total_steps
+        assert workdir_lib.latest_step(Path(root) / run.name) == run.config().total_steps
 
 
 def test_changed_grid_is_refused(swept):
@@ -83,7 +84,7 @@ def test_changed_grid_is_refused(swept):
     config = runs[0].config()
     config.optimizer.lr = 0.5
     with pytest.raises(ValueError, match="another config"):
-        sweep.check_same_config(Path(root) / runs[0].name, config)
+        workdir_lib.check_same_config(Path(root) / runs[0].name, config)
 
 
 def test_aggregate_tables_and_plots(swept):

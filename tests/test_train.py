@@ -17,9 +17,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from bgjax import config_utils, parallel, run, train
+from bgjax import config_utils, parallel, tasks, train, train_state
 from bgjax import data as data_lib
+from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
+from bgjax.tasks import classify
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = f"{REPO}/configs/synthetic.py:arch=vit,size=tiny"
@@ -40,7 +42,7 @@ def _tiny_config(**overrides):
 def _run_steps(config, mesh, steps=2):
     """Losses of `steps` train steps on `mesh`, and the final params (host copies)."""
     source = data_lib.get_source(config.data, "train")
-    setup = run.make_setup(config, source.info, mesh)
+    setup = train_state.make_setup(config, source.info, mesh)
     batches = iter(
         pipeline.build(
             source,
@@ -118,7 +120,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
         assert {"train/loss", "train/lr"} <= _tensorboard_tags(workdir / "tensorboard")
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == 4
-    model, restored_config, info = run.restore_model(str(workdir))
+    restored = workdir_lib.restore(str(workdir))
+    model, restored_config, info = restored.model, restored.config, restored.info
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert restored_config.total_steps == 8 and info.num_classes == 4
 
@@ -153,7 +156,7 @@ def _launch(workdir):
 def _final_params(workdir):
     weights = []
     for use_ema in (False, True):
-        model, _, _ = run.restore_model(str(workdir), use_ema=use_ema)
+        model = workdir_lib.restore(str(workdir), use_ema=use_ema).model
         weights.append(jax.tree.map(np.asarray, nnx.state(model, nnx.Param)))
     return weights
 
@@ -195,7 +198,7 @@ def test_mix_batch_labels_follow_the_pixels():
     images = np.random.default_rng(0).random((4, 16, 16, 3), np.float32)
     masks = (np.random.default_rng(1).random((4, 16, 16)) > 0.5).astype(np.uint8)
     targets = np.eye(4, dtype=np.float32)
-    mix = functools.partial(train.mix_batch, images=images, masks=masks, targets=targets)
+    mix = functools.partial(classify.mix_batch, images=images, masks=masks, targets=targets)
     cutmix = jax.jit(functools.partial(mix, mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=0.5))
     for seed in range(3):
         mixed, mixed_masks, soft = map(np.asarray, cutmix(jax.random.key(seed)))
@@ -219,7 +222,7 @@ def test_frozen_backbone_trains_and_decays_only_its_subset(masking, trainable_pr
     config = _tiny_config(**{"model.frozen_backbone": True, "model.masking": masking})
     source = data_lib.get_source(config.data, "train")
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
-    setup = run.make_setup(config, source.info, mesh)
+    setup = train_state.make_setup(config, source.info, mesh)
     prefixes = {
         str(path[0].key)
         for path, _ in jax.tree_util.tree_leaves_with_path(setup.abstract["params"])
@@ -240,12 +243,12 @@ def test_init_from_timm_weights_keeps_a_mismatched_head(tmp_path):
 
     config = _tiny_config()
     source = data_lib.get_source(config.data, "train")
-    donor = run.make_model(config, num_classes=7, rngs=nnx.Rngs(123))
+    donor = tasks.make_model(config, num_classes=7, rngs=nnx.Rngs(123))
     timm_io.write_safetensors(donor, tmp_path / "donor.safetensors")
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
-    setup = run.make_setup(config, source.info, mesh)
+    setup = train_state.make_setup(config, source.info, mesh)
     fresh = setup.init()
-    state = train.load_init_weights(fresh, setup, str(tmp_path / "donor.safetensors"))
+    state = train.load_init_weights(fresh, setup, str(tmp_path / "donor.safetensors"), config)
     got = nnx.merge(setup.graphdef, state["params"], state["rest"])
     np.testing.assert_array_equal(
         got.blocks[0].attn.qkv.kernel[...], donor.blocks[0].attn.qkv.kernel[...]

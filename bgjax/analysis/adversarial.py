@@ -40,10 +40,12 @@ import numpy as np
 from absl import app
 from flax import nnx
 
-from bgjax import clflags, metrics, parallel, xla_options
+from bgjax import clflags, config_utils, metrics, parallel, xla_options
 from bgjax import data as data_lib
-from bgjax import evaluate as eval_lib
+from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
+from bgjax.masks import apply_model
+from bgjax.tasks import classify
 
 # predict(fg_idx int32[n], bg_idx int32[n]) -> int[n]: the predicted label of each composite
 # (a NumPy array, or a replicated jax.Array that the searches fetch when they need it).
@@ -178,7 +180,7 @@ def composite_predictor(
     mean: Sequence[float],
     std: Sequence[float],
     imagenet_to_in9: bool = False,
-    apply_fn: Callable = eval_lib.apply_model,
+    apply_fn: Callable = apply_model,
 ) -> Predict:
     """`predict(fg_idx, bg_idx)` for a real model: composite = background * (1 - mask) +
     image * mask, made on device from pools held replicated on every device (uint8: IN-9's
@@ -331,17 +333,17 @@ def run(
 ) -> dict[str, Any]:
     """Search a workdir's checkpoint; writes adversarial.json/.md/.png to `out_dir` (default
     `workdir/eval/step_<N>`) and returns the report."""
-    restored = eval_lib.restore(workdir, step, overrides=overrides)
+    restored = workdir_lib.restore(workdir, step, overrides=overrides)
     config = restored.config
-    if restored.segmenter is not None:
+    if not restored.mask_source.is_gt:
         raise ValueError(
             "adversarial search composites with the ground-truth masks: mask_source must be 'gt'"
         )
-    split = split or eval_lib.default_split(config.data.name)
+    split = split or data_lib.default_split(config.data.name)
     source = data_lib.get_source(config.data, split)
     load = dict(image_size=config.data.image_size, seed=config.seed)
-    fg = eval_lib.load_examples(source, "original", limit=max_foregrounds, **load)
-    backgrounds = eval_lib.load_examples(source, "only_bg_t", **load)["image"]
+    fg = pipeline.load_examples(source, "original", limit=max_foregrounds, **load)
+    backgrounds = pipeline.load_examples(source, "only_bg_t", **load)["image"]
     mesh = restored.mesh
     batch_size = batch_size or config.eval.batch_size
     batch_size = -(-batch_size // mesh.size) * mesh.size
@@ -350,10 +352,14 @@ def run(
         mean=restored.mean, std=restored.std,
     )  # fmt: skip
     n = fg["label"].shape[0]
-    original_pred = eval_lib.predict_variant(
-        eval_lib.make_predict_step(restored.model, mesh, mean=restored.mean, std=restored.std),
-        source, "original", batch_size=batch_size, mesh=mesh, **load,
-    )["pred"][:n]  # fmt: skip
+    graphdef, params, rest = nnx.split(restored.model, nnx.Param, ...)
+    evaluator = classify.Evaluator(
+        graphdef, mesh, num_classes=restored.info.num_classes, mean=restored.mean,
+        std=restored.std, masked=config.model.get("masking", "none") != "none",
+    )  # fmt: skip
+    original_pred = evaluator.predict(
+        params, rest, source, "original", batch_size=batch_size, **load
+    )["pred"][:n]
     order = background_order(backgrounds.shape[0], seed, max_backgrounds)
     start = time.perf_counter()
     result = batched_search(predict, fg["label"], order, batch_size=batch_size)
@@ -383,7 +389,7 @@ _SPLIT = clflags.string("split", None, "Split (default: test; in9: val).")
 _BATCH_SIZE = clflags.integer("batch_size", None, "Composites per forward batch.")
 _ORDER_SEED = clflags.integer("order_seed", 0, "Seed of the background order.")
 _OUT = clflags.string("out", None, "Output folder (default WORKDIR/eval/step_<N>).")
-eval_lib.define_override_flags(sys.argv)
+flags_parser = config_utils.parse_flags_with_overrides  # --config.<key> of the saved run
 
 
 def main(argv: Sequence[str]) -> None:
@@ -397,7 +403,7 @@ def main(argv: Sequence[str]) -> None:
             _WORKDIR.value, _STEP.value, max_backgrounds=_MAX_BACKGROUNDS.value,
             max_foregrounds=_MAX_FOREGROUNDS.value, split=_SPLIT.value,
             batch_size=_BATCH_SIZE.value, seed=_ORDER_SEED.value,
-            overrides=eval_lib.override_flag_values(), out_dir=_OUT.value,
+            overrides=config_utils.override_flag_values(), out_dir=_OUT.value,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"bgjax adversarial: error: {e}", file=sys.stderr)

@@ -8,31 +8,17 @@ run), `OUT/compare.json` and `OUT/compare.png` (accuracy per variant, one bar pe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import app
 
-from bgjax import clflags
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def evaluated_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with an `eval/step_<N>/results.json`, ascending."""
-    eval_dir = os.path.join(os.fspath(workdir), "eval")
-    if not os.path.isdir(eval_dir):
-        return []
-    steps = []
-    for name in os.listdir(eval_dir):
-        match = _STEP_DIR.match(name)
-        if match and os.path.isfile(os.path.join(eval_dir, name, "results.json")):
-            steps.append(int(match[1]))
-    return sorted(steps)
+from bgjax import clflags, metrics
+from bgjax import workdir as workdir_lib
 
 
 def _read_json(path: str) -> dict | None:
@@ -61,7 +47,7 @@ def run_label(config: Mapping[str, Any] | None, results: Mapping[str, Any]) -> s
 def load_run(workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """{label, workdir, step, results, adversarial, saliency} of one evaluated workdir."""
     workdir = os.fspath(workdir)
-    steps = evaluated_steps(workdir)
+    steps = workdir_lib.evaluated_steps(workdir)
     if not steps:
         raise FileNotFoundError(
             f"{workdir} has no eval/step_<N>/results.json: run `bgjax eval --workdir {workdir}`"
@@ -73,9 +59,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> dict[str, A
             f"{workdir} has no evaluation of step {step}; evaluated steps: "
             f"{', '.join(map(str, steps))}"
         )
-    step_dir = os.path.join(workdir, "eval", f"step_{step}")
+    step_dir = workdir_lib.eval_dir(workdir, step)
     results = _read_json(os.path.join(step_dir, "results.json"))
-    config = _read_json(os.path.join(workdir, "config.json"))
+    config = workdir_lib.read_config(workdir).to_dict() if workdir_lib.is_run(workdir) else None
     return dict(
         label=run_label(config, results),
         workdir=workdir,
@@ -96,8 +82,7 @@ def _unique_labels(runs: list[dict]) -> None:
             r["label"] = f"{r['label']} ({os.path.basename(os.path.normpath(r['workdir']))})"
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}"
+_pct = functools.partial(metrics.pct, digits=1)
 
 
 def table_rows(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -36,10 +36,11 @@ import numpy as np
 from absl import app
 from flax import nnx
 
-from bgjax import clflags, parallel, xla_options
+from bgjax import clflags, config_utils, parallel, variants, xla_options
 from bgjax import data as data_lib
-from bgjax import evaluate as eval_lib
+from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
+from bgjax.masks import apply_model
 
 # apply_fn(model, x_normalised (B,H,W,3), mask (B,H,W)) -> logits (B, num_classes)
 ApplyFn = Callable
@@ -154,7 +155,7 @@ def saliency_maps(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 64,
-    apply_fn: ApplyFn = eval_lib.apply_model,
+    apply_fn: ApplyFn = apply_model,
     cam_layer: int = -1,
     methods: Sequence[str] = METHODS,
 ) -> dict[str, np.ndarray]:
@@ -249,14 +250,14 @@ def run(
     saliency.json/.md and saliency.png (overlays) to `out_dir` (default eval/step_<N>)."""
     from bgjax import plots
 
-    restored = eval_lib.restore(workdir, step, overrides=overrides)
-    if restored.segmenter is not None:
+    restored = workdir_lib.restore(workdir, step, overrides=overrides)
+    if not restored.mask_source.is_gt:
         raise ValueError("saliency is measured against the ground-truth masks: mask_source='gt'")
     config = restored.config
-    split = split or eval_lib.default_split(config.data.name)
+    split = split or data_lib.default_split(config.data.name)
     source = data_lib.get_source(config.data, split)
-    rows = eval_lib.load_examples(
-        source, eval_lib.parse_variants(variant)[0], image_size=config.data.image_size,
+    rows = pipeline.load_examples(
+        source, variants.parse(variant)[0], image_size=config.data.image_size,
         seed=config.seed, limit=n,
     )  # fmt: skip
     maps = saliency_maps(
@@ -293,7 +294,7 @@ _OUT = clflags.string("out", None, "Output folder (default WORKDIR/eval/step_<N>
 _CAM_LAYER = clflags.integer(
     "cam_layer", -1, "Grad-CAM layer: ConvNeXt stage / ViT block index (-1: the last)."
 )
-eval_lib.define_override_flags(sys.argv)
+flags_parser = config_utils.parse_flags_with_overrides  # --config.<key> of the saved run
 
 
 def main(argv: Sequence[str]) -> None:
@@ -306,7 +307,7 @@ def main(argv: Sequence[str]) -> None:
         report = run(
             _WORKDIR.value, _STEP.value, n=_N.value, variant=_VARIANT.value, split=_SPLIT.value,
             cam_layer=_CAM_LAYER.value,
-            batch_size=_BATCH_SIZE.value, overrides=eval_lib.override_flag_values(),
+            batch_size=_BATCH_SIZE.value, overrides=config_utils.override_flag_values(),
             out_dir=_OUT.value,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:

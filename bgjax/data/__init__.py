@@ -22,6 +22,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# ImageNet's normalisation statistics (timm's IMAGENET_DEFAULT_MEAN / _STD): the default of
+# every dataset and of ImageNet-pretrained models.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -36,8 +41,8 @@ class DatasetInfo:
     # Waterbirds-style weighted "average accuracy". None when groups are undefined.
     train_group_proportions: np.ndarray | None = None
     # Normalisation statistics conventionally used with this dataset.
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def num_classes(self) -> int:
@@ -90,3 +95,8 @@ def get_source(config: Any, split: str) -> Source:
     module, factory = _REGISTRY[name].split(":")
     make: Callable[[Any, str], Source] = getattr(importlib.import_module(module), factory)
     return make(config, split)
+
+
+def default_split(dataset: str) -> str:
+    """IN-9 has only the released 'val' split; the others evaluate on 'test'."""
+    return "val" if dataset == "in9" else "test"

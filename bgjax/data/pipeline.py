@@ -315,3 +315,23 @@ def normalize(images: jax.Array, mean: Any, std: Any, dtype: jnp.dtype = jnp.flo
     mean = jnp.asarray(mean, jnp.float32) * 255.0
     inv_std = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
     return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
+
+
+def load_examples(
+    source, variant: str, *, image_size: int, seed: int, limit: int | None = None
+) -> dict[str, np.ndarray]:
+    """`image`, `mask`, `label`, `habitat` of the first `limit` (default all) examples of
+    `variant`, in index order, on every process (for analyses that need the whole set)."""
+    limit = len(source) if limit is None else min(limit, len(source))
+    batch = min(256, limit)
+    ds = build(
+        source, variant=variant, batch_size=batch, image_size=image_size, train=False,
+        seed=seed, process_index=0, process_count=1,
+    )  # fmt: skip
+    rows, have = [], 0
+    for b in ds:
+        rows.append({k: v[b["valid"]] for k, v in b.items() if k != "valid"})
+        have += int(b["valid"].sum())
+        if have >= limit:
+            break
+    return {k: np.concatenate([r[k] for r in rows])[:limit] for k in rows[0]}

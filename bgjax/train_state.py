@@ -1,0 +1,94 @@
+"""A run's train state: a dict pytree of step, params (trainable), rest (frozen params, RNG
+streams), opt_state, rng (key data) and optionally ema (a copy of params), and its layout.
+
+`make_setup(config, info, mesh)` gives its shapes and shardings without allocating anything
+(the restore target), and a jitted initialiser. Shared by the trainer and by restoring a run
+(`bgjax.workdir.restore`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from bgjax import data as data_lib
+from bgjax import optim, parallel, tasks
+
+
+def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
+    """Everything the optimizer updates: all params, or the model's frozen-backbone subset."""
+    return model.frozen_backbone_filter() if config.model.frozen_backbone else nnx.Param
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything static about a run's state: how to build it, its layout, its optimizer."""
+
+    graphdef: Any
+    trainable: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init: Callable[[], dict]  # jitted; returns the state laid out as `shardings`
+    abstract: dict  # ShapeDtypeStructs carrying the shardings (restore target)
+    shardings: dict
+
+
+def make_setup(
+    config: ml_collections.ConfigDict, info: data_lib.DatasetInfo, mesh: jax.sharding.Mesh
+) -> Setup:
+    create = functools.partial(
+        tasks.make_model, config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std
+    )
+    abstract_model = nnx.eval_shape(create)
+    trainable = trainable_filter(abstract_model, config)
+    graphdef, _, _ = nnx.split(abstract_model, trainable, ...)
+    tx, schedule = optim.make(config.optimizer, config.total_steps)
+    use_ema = config.optimizer.get("ema_decay", 0.0) > 0
+
+    def init() -> dict:
+        _, params, rest = nnx.split(create(), trainable, ...)
+        state = dict(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            rest=rest,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(config.seed + 2)),
+        )
+        if use_ema:
+            state["ema"] = params
+        return state
+
+    abstract = jax.eval_shape(init)
+    repl = parallel.replicated(mesh)
+    params_sh = parallel.state_shardings(abstract["params"], mesh)
+    shardings = dict(
+        step=repl,
+        params=params_sh,
+        rest=parallel.state_shardings(abstract["rest"], mesh),
+        opt_state=parallel.mirror_shardings(
+            abstract["opt_state"], abstract["params"], params_sh, mesh
+        ),
+        rng=repl,
+    )
+    if use_ema:
+        shardings["ema"] = params_sh
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+    return Setup(
+        graphdef=graphdef,
+        trainable=trainable,
+        tx=tx,
+        schedule=schedule,
+        init=jax.jit(init, out_shardings=shardings),
+        abstract=abstract,
+        shardings=shardings,
+    )
