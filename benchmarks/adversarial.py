@@ -14,8 +14,8 @@ Rows:
 Reported per row: forward passes (composites through the model, padding excluded), padded rows,
 wall seconds, process CPU seconds, composites per second, and the wall-time speed-up over
 serial/1. The model is a workdir's latest checkpoint (`--workdir`), or else a randomly
-initialised `configs/synthetic.py` model (a random model flips few foregrounds, so the search
-runs long: a worst case for early exit). Compilation is excluded: each predictor is warmed up
+initialised model of the `synthetic.py` config (a random model flips few foregrounds, so the
+search runs long: a worst case for early exit). Compilation is excluded: each predictor is warmed up
 on its batch shapes first.
 """
 
@@ -35,15 +35,13 @@ from bgjax import workdir as workdir_lib
 from bgjax.analysis import adversarial
 from bgjax.data import pipeline
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def load_model(workdir: str | None, config_arg: str):
     """(model, config, mean, std, mesh) from a workdir, or a fresh model of the config."""
     if workdir:
         r = workdir_lib.restore(workdir)
         return r.model, r.config, r.mean, r.std, r.mesh
-    config = config_utils.load_config(f"{REPO}/configs/synthetic.py:{config_arg}")
+    config = config_utils.load_config(f"synthetic.py:{config_arg}")
     info = data_lib.get_source(config.data, "train").info
     mesh = parallel.make_mesh([("data", -1)])
     model = tasks.make_model(config, info.num_classes, pixel_mean=info.mean, pixel_std=info.std)

@@ -4,7 +4,7 @@
 
 Every row makes the same kind of batch: the `--variant` composite (default mixed_rand, the
 costliest: a background donor, its ONLY_BG_T, the paste), then a random resized crop + flip to
-`--size` (+ colour jitter with `--jitter`, e.g. 0.4 as configs/in9.py and cub.py). Rows:
+`--size` (+ colour jitter with `--jitter`, e.g. 0.4 as the in9.py and cub.py configs). Rows:
 
   ours/arrays        bgjax.data.pipeline in this process, examples from in-memory arrays
   ours/jpeg          the same, each image (and its donor) decoded from JPEG bytes as the dataset
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes")
     parser.add_argument("--variant", default="mixed_rand", choices=variants.VARIANTS)
     parser.add_argument(
-        "--jitter", type=float, default=0.0, help="colour jitter strength (configs/in9: 0.4)"
+        "--jitter", type=float, default=0.0, help="colour jitter strength (the in9.py config: 0.4)"
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ kernel on GPUs in bf16 (`--attn-impl auto`).
 Timing: `--repeats` windows of `--steps` steps each, dispatched asynchronously and waited for
 at the end of the window; the median window gives img/s. FLOPs per step come from XLA's cost
 analysis of the compiled step (`tflops`, `mfu`; with remat it counts the recomputation) and,
-for the architectures in REFERENCE.md §7 at 224 px, from 6 x forward GMACs per image
-(`tflops_6mac`, `mfu_6mac`: model FLOPs). MFU is against the bf16 dense peak of the device
-kind (table below; none for CPUs).
+for the architectures of docs/reference.md#architecture-gmacs at 224 px, from 6 x forward
+GMACs per image (`tflops_6mac`, `mfu_6mac`: model FLOPs). MFU is against the bf16 dense peak of
+the device kind (table below; none for CPUs).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/ is not a package: found via sys.path
 
-# Forward GMACs per 224 px image (REFERENCE.md §7); training FLOPs ~ 6 x MACs.
+# Forward GMACs per 224 px image (docs/reference.md#architecture-gmacs); training FLOPs ~ 6 x MACs.
 FORWARD_GMACS_224 = {
     "convnext_tiny": 4.47,
     "convnext_small": 8.71,

@@ -2,18 +2,22 @@
 
 Each command lives in its own module, defines its own absl flags at import time and exposes
 `main(argv)`. Only the chosen module is imported, so commands can reuse flag names (`--workdir`,
-`--config`) without clashing. Everything runs under `absl.app.run`, which Grain's spawned worker
-processes need (they read absl flags; see REFERENCE.md §6).
+`--config`) without clashing. `bgjax <command> --help` (or `-h`) lists the flags that command's
+module defines (`clflags.module_flags`), not absl's nor those of modules it imports; `--helpfull`
+is absl's list of every flag. Everything runs under `absl.app.run`, which Grain's spawned worker
+processes need (they read absl flags; see docs/reference.md#grain-workers).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
+import textwrap
 
 from absl import app
 
-from bgjax import hostmem
+from bgjax import clflags, config_utils, hostmem
 
 # command name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,8 +42,104 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+_HELP = ("-h", "--help", "--helpshort")
+
+
+def _wants_help(args: list[str]) -> bool:
+    """-h / --help anywhere among the command's flags (absl's own would print no flags)."""
+    for arg in args:
+        if arg == "--":  # what follows is positional
+            return False
+        if arg in _HELP:
+            return True
+    return False
+
+
+def _usage_line(name: str, doc: str, has_flags: bool) -> str:
+    # A module docstring opening with "`bgjax NAME ARGS`:" names its positional arguments.
+    match = re.match(rf"`(bgjax {re.escape(name)}\b[^`]*)`", doc.lstrip())
+    usage = match[1] if match else f"bgjax {name}"
+    return usage + " [flags]" if has_flags else usage
+
+
+def _examples(name: str, doc: str) -> list[str]:
+    """The docstring's indented `bgjax NAME ...` lines, with their deeper-indented continuations."""
+    lines, indent = [], None
+    for line in doc.splitlines():
+        depth, text = len(line) - len(line.lstrip()), line.strip()
+        if depth and re.match(rf"bgjax {re.escape(name)}(\s|$)", text):
+            lines.append(line)
+            indent = depth
+        elif indent is not None and text and depth > indent:
+            lines.append(line)
+        else:
+            indent = None
+    return textwrap.indent(textwrap.dedent("\n".join(lines)), "  ").splitlines()
+
+
+def _wrap(text: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        100,
+        initial_indent=" " * 6,
+        subsequent_indent=" " * 6,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _describe(spec: clflags.Spec) -> list[str]:
+    name = f"[no]{spec.name}" if spec.kind == "bool" else spec.name
+    kind = f"one of {'|'.join(spec.choices)}" if spec.choices else spec.kind
+    if spec.default is not None:
+        default = spec.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        elif isinstance(default, str):
+            default = repr(default)
+        kind += f"; default: {default}"
+    return [f"  --{name} ({kind})", *_wrap(spec.help)]
+
+
+def _override_help(module, specs: list[clflags.Spec]) -> list[str]:
+    """The `--config.<key>=VALUE` line of a command that takes config overrides."""
+    configs = [spec.name for spec in specs if spec.kind == "config file"]
+    if configs:
+        what = f"the --{configs[0]} file"
+    elif getattr(module, "flags_parser", None) is config_utils.parse_flags_with_overrides:
+        what = "the run's saved config"
+    else:
+        return []
+    key = configs[0] if configs else "config"
+    return [f"  --{key}.<key>=VALUE", *_wrap(f"set one key of {what} (repeatable)")]
+
+
+def command_help(name: str) -> str:
+    """`bgjax NAME --help`: usage, what the command does and the flags its module defines, each
+    with that module's help text (another module may have defined the same flag first)."""
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    doc, specs = module.__doc__ or "", clflags.module_flags(module_name)
+    lines = [f"usage: {_usage_line(name, doc, bool(specs))}", "", summary]
+    examples = _examples(name, doc)
+    if examples:
+        lines += ["", "examples:", *examples]
+    lines += ["", "flags:"]
+    for spec in specs:
+        lines += _describe(spec)
+    lines += _override_help(module, specs)
+    if not specs:
+        lines.append("  (none of its own)")
+    lines += ["", f"absl's flags (--verbosity, ...) and all others: bgjax {name} --helpfull"]
+    return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 2 and argv[1] == "help":  # `bgjax help train` = `bgjax train --help`
+        argv = [argv[0], argv[2], "--help"]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         sys.exit(0 if len(argv) >= 2 else 2)
@@ -47,6 +147,9 @@ def run(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"bgjax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
+    if _wants_help(argv[2:]):
+        print(command_help(name))
+        sys.exit(0)
     hostmem.keep_freed_memory()  # before the command imports JAX and it starts its threads
     module = importlib.import_module(COMMANDS[name][0])
     # A command may bring its own flags parser (train: clear errors for unknown config keys).

@@ -1,8 +1,9 @@
-"""Helpers for the `configs/*.py` files (big_vision style) and for reading configs back.
+"""Helpers for the config files (big_vision style) and for reading configs back.
 
 A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text after the colon in
-`--config configs/cub.py:arch=vit,size=small`, parsed by `parse_arg` against typed defaults.
+`--config cub.py:arch=vit,size=small`, parsed by `parse_arg` against typed defaults.
 `base_config()` holds the keys every experiment shares, so each file only states what differs.
+`--config` takes a path or the name of a config shipped in `bgjax/configs/` (`resolve_config`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.frozen_backbone = False
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
     c.model.drop_path_rate = 0.0
+    c.model.kernels = "auto"  # op lowerings: "cpu" (XLA:CPU-tuned), "xla", "auto" (by backend)
     c.model.init = ""  # a timm-format .safetensors to start from ("" = random init)
 
     c.batch_size = 64  # global
@@ -145,12 +147,40 @@ def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
     return max(1, round(epochs * num_examples / batch_size))
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+_OLD_PREFIX = "configs/"  # the repository-relative spelling from before configs were packaged
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with bgjax: ["cub.py", ..., "sweeps/synthetic_tiny.py"]."""
+    files = CONFIGS_DIR.rglob("*.py")
+    return sorted(f.relative_to(CONFIGS_DIR).as_posix() for f in files if f.name != "__init__.py")
+
+
+def resolve_config(spec: str | Path) -> str:
+    """`spec` (`file[:arg]`) with its file made a path that exists.
+
+    An existing path is kept; otherwise the file is a packaged name (`synthetic.py`,
+    `sweeps/synthetic_tiny.py`, or the old `configs/synthetic.py`) under CONFIGS_DIR. A path
+    comes first, so a user's own `./synthetic.py` is not shadowed by the packaged one.
+    """
+    file, sep, arg = str(spec).partition(":")
+    if Path(file).exists():
+        return str(spec)
+    name = file.removeprefix(_OLD_PREFIX)
+    if name in packaged_configs():
+        return f"{CONFIGS_DIR / name}{sep}{arg}"
+    raise FileNotFoundError(
+        f"config file {file!r} does not exist, nor is it a packaged config; "
+        f"packaged: {', '.join(packaged_configs())}"
+    )
+
+
 def load_config(spec: str | Path) -> ml_collections.ConfigDict:
-    """A config from `path/to/file.py[:arg]` (what --config takes) or a workdir's config.json."""
-    path, _, arg = str(spec).partition(":")
+    """A config from `file.py[:arg]` (what --config takes: a path or a packaged name, see
+    `resolve_config`) or a workdir's config.json."""
+    path, _, arg = resolve_config(spec).partition(":")
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
     if path.suffix == ".json":
         return ml_collections.ConfigDict(json.loads(path.read_text()))
     module_spec = importlib.util.spec_from_file_location(f"_bgjax_config_{path.stem}", path)

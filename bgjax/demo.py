@@ -40,14 +40,14 @@ import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from bgjax import aggregate, clflags, config_utils, plots, sweep
+from bgjax import aggregate, clflags, config_utils, plots
 from bgjax import data as data_lib
 from bgjax import metrics as metrics_lib
 from bgjax import train as train_lib
 from bgjax import workdir as workdir_lib
 
 ARCHS = ("convnext", "vit")
-# Demo strategy -> (configs/synthetic.py strategy, masks from the segmenter).
+# Demo strategy -> (bgjax/configs/synthetic.py strategy, masks from the segmenter).
 STRATEGIES: dict[str, tuple[str, bool]] = {
     "baseline": ("none", False),
     "mixed_rand": ("mixed_rand", False),
@@ -99,7 +99,7 @@ QUICK = dataclasses.replace(FULL, iid_size=450, segmenter_steps=0, archs=("convn
 
 
 def _synthetic_config(arg: str) -> ml_collections.ConfigDict:
-    return config_utils.load_config(f"{sweep.REPO_ROOT / 'configs' / 'synthetic.py'}:{arg}")
+    return config_utils.load_config(f"{config_utils.CONFIGS_DIR / 'synthetic.py'}:{arg}")
 
 
 def _apply_settings(c: ml_collections.ConfigDict, s: Settings, steps: int) -> None:
@@ -127,7 +127,7 @@ def _apply_settings(c: ml_collections.ConfigDict, s: Settings, steps: int) -> No
 def run_config(
     arch: str, strategy: str, s: Settings, *, segmenter_dir: str | None = None
 ) -> ml_collections.ConfigDict:
-    """configs/synthetic.py's experiment for `arch` x `strategy` (its small models), at the
+    """bgjax/configs/synthetic.py's experiment for `arch` x `strategy` (its small models), at the
     demo's sizes."""
     base_strategy, predicted = STRATEGIES[strategy]
     c = _synthetic_config(f"arch={arch},strategy={base_strategy},size=small")
@@ -140,9 +140,9 @@ def run_config(
 
 
 def segmenter_config(s: Settings) -> ml_collections.ConfigDict:
-    """configs/segmenter.py's tiny synthetic ConvNeXt segmenter, on the demo's training images
+    """bgjax/configs/segmenter.py's tiny synthetic ConvNeXt segmenter, on the demo's training images
     (saturated objects on muted textures: a small encoder segments them well)."""
-    path = sweep.REPO_ROOT / "configs" / "segmenter.py"
+    path = config_utils.CONFIGS_DIR / "segmenter.py"
     c = config_utils.load_config(f"{path}:arch=convnext,size=tiny")  # the smallest encoder
     _apply_settings(c, s, s.segmenter_steps)
     return c
@@ -348,7 +348,7 @@ def summarize(
 
 
 def _model_summary(arch: str, s: Settings) -> dict[str, Any]:
-    """The baseline's model config (name + overrides of configs/synthetic.py) and its size."""
+    """The baseline's model config (name + overrides of bgjax/configs/synthetic.py) and its size."""
     config = run_config(arch, "baseline", s)
     training_keys = ("masking", "frozen_backbone", "init", "dtype", "drop_path_rate")
     model = {k: v for k, v in config.model.to_dict().items() if k not in training_keys}

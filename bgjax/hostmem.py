@@ -17,13 +17,25 @@ step, ViT-S step -12%); the demo's small models have small blocks and keep async
 (One shared arena, `M_ARENA_MAX=1`, would also do it, but costs the demo's threaded input
 pipeline 10% in lock contention.) The price: the process keeps its peak heap until it exits.
 `BGJAX_KEEP_HEAP=0` turns it all off. Not glibc (macOS, musl): a no-op.
+
+CPU backend only: on a GPU/TPU host the step's buffers live on the device, and keeping the peak
+heap would only hold host memory. The backend must be known before JAX starts (the settings
+apply to blocks allocated afterwards, and synchronous dispatch only before JAX's CPU client
+exists), so `cpu_backend` reads what JAX will read, without importing it: `JAX_PLATFORMS`, whose
+first entry is the default backend, and otherwise whether an accelerator plugin is installed (a
+PJRT plugin, found as JAX finds them: the `jax_plugins` entry points and namespace package, or
+libtpu). An installed plugin on a host without the device (JAX then falls back to the CPU, with a
+warning) leaves the heap as glibc has it: only slower, never wrong; `JAX_PLATFORMS=cpu` states it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import pkgutil
 import platform
+from importlib import metadata
 
 # glibc's mallopt parameter numbers (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
@@ -41,13 +53,33 @@ def _mallopt(settings: dict[int, int]) -> bool:
     return all(applied)
 
 
+def cpu_backend() -> bool:
+    """Whether JAX's default backend will be the CPU, decided without starting JAX."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not _accelerator_plugins()
+
+
+def _accelerator_plugins() -> list[str]:
+    """The installed PJRT plugins (CUDA, ROCm, TPU, ...), named as JAX discovers them."""
+    found = [entry.name for entry in metadata.entry_points(group="jax_plugins")]
+    namespace = importlib.util.find_spec("jax_plugins")
+    if namespace is not None and namespace.submodule_search_locations:
+        found += [m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)]
+    if os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
+        found.append("tpu")
+    return found
+
+
 def keep_freed_memory() -> bool:
     """Big freed blocks stay in the main heap for reuse; `BGJAX_KEEP_HEAP`: 1 (default), 0 (off)
-    or sync (also `sync_cpu_dispatch`). Returns whether the heap settings were applied."""
+    or sync (also `sync_cpu_dispatch`). Nothing happens unless JAX will run on the CPU
+    (`cpu_backend`). Returns whether the heap settings were applied."""
     mode = os.environ.get("BGJAX_KEEP_HEAP", "1")
     if mode not in ("0", "1", "sync"):
         raise ValueError(f"BGJAX_KEEP_HEAP must be 0, 1 or sync, got {mode!r}")
-    if mode == "0":
+    if mode == "0" or not cpu_backend():
         return False
     if mode == "sync":
         sync_cpu_dispatch()

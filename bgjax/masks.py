@@ -1,7 +1,7 @@
 """Where a classifier's foreground masks come from: the dataset ("gt") or a trained segmenter.
 
     config.mask_source = "gt"             # the batch's annotated masks
-    config.mask_source = "runs/seg_cub"   # a `bgjax train --config configs/segmenter.py` workdir
+    config.mask_source = "runs/seg_cub"   # a `bgjax train --config segmenter.py` workdir
 
 The masking paper (Aniraj et al., ICCVW 2023) predicts masks at test time with a segmentation
 network;

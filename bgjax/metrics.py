@@ -5,11 +5,14 @@ padding rows of the last eval batch are never counted. Accuracies are fractions 
 subset with no image has accuracy None (JSON null), never NaN.
 
     accuracy(pred, label, valid)            -> {"accuracy", "count"}
-    bg_gap(accuracies)                      -> acc(mixed_same) - acc(mixed_rand)   (REFERENCE §1)
-    group_accuracies(...)                   -> per label x habitat group            (REFERENCE §3)
+    bg_gap(accuracies)                      -> acc(mixed_same) - acc(mixed_rand)
+    group_accuracies(...)                   -> per label x habitat group
     worst_group_accuracy / weighted_average_accuracy
     map_imagenet_to_in9(pred_1000)          -> IN-9 label, -1 for the 630 unmapped classes
-    four_buckets(original, fg, bg)          -> the fg/bg correctness table          (REFERENCE §1)
+    four_buckets(original, fg, bg)          -> the fg/bg correctness table
+
+Definitions: docs/reference.md#in9-metrics (BG-gap, buckets), #in9-class-mapping, #waterbirds
+(groups, worst-group and weighted average accuracy).
 """
 
 from __future__ import annotations

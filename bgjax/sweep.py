@@ -1,13 +1,13 @@
 r"""`bgjax sweep`: expand a grid of training runs, then run them here or print cluster commands.
 
-    bgjax sweep --config configs/sweeps/synthetic_tiny.py --workdir runs/tiny            # local
-    bgjax sweep --config configs/sweeps/masking_scaling.py --workdir gs://b/scaling \
+    bgjax sweep --config sweeps/synthetic_tiny.py --workdir runs/tiny                    # local
+    bgjax sweep --config sweeps/masking_scaling.py --workdir gs://b/scaling \
         --launch print --cluster slurm > jobs.sh
     bgjax aggregate runs/tiny                                       # evaluate + tabulate + plot
 
 A sweep config's `get_config(arg)` returns:
 
-    base       the experiment config file every run starts from, e.g. "configs/cub.py"
+    base       the experiment config file every run starts from, e.g. "cub.py"
     base_arg   its fixed `get_config` argument, e.g. "mode=finetune" (optional)
     overrides  config keys set in every run, as a nested ConfigDict (optional)
     axes       [(axis, points), ...]: the grid is their product, in this order. A point is a
@@ -33,7 +33,6 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -44,7 +43,6 @@ from bgjax import clflags, config_utils
 from bgjax import train as train_lib  # defines the trainer's flags first (see clflags)
 from bgjax import workdir as workdir_lib
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_MODES = ("local", "print")
 CLUSTERS = ("slurm", "tpu")
 ARG_PREFIX = "arg."
@@ -60,13 +58,13 @@ class Run:
     """One point of the grid: the base config file + its argument + config key overrides."""
 
     name: str
-    base: str  # config file path, as the sweep config wrote it
+    base: str  # config file (path or packaged name), as the sweep config wrote it
     arg: str  # "k=v,..." for the base config's get_config
     overrides: tuple[tuple[str, Any], ...]  # (dotted key, value), in grid order
     points: tuple[tuple[str, str], ...]  # (axis, point name)
 
     def config(self) -> ml_collections.ConfigDict:
-        config = config_utils.load_config(f"{resolve_path(self.base)}:{self.arg}")
+        config = config_utils.load_config(f"{self.base}:{self.arg}")
         return config_utils.apply_overrides(config, dict(self.overrides), where=f"run {self.name}")
 
     def train_args(self, root: str) -> list[str]:
@@ -75,16 +73,6 @@ class Run:
         args += ["--workdir", os.path.join(root, self.name)]
         args += [f"--config.{key}={cli_value(value)}" for key, value in self.overrides]
         return args
-
-
-def resolve_path(path: str) -> str:
-    """A config path relative to the working directory, else to the repository root."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    candidate = REPO_ROOT / path
-    if candidate.exists():
-        return str(candidate)
-    raise FileNotFoundError(f"config file {path!r} not found (also looked in {REPO_ROOT})")
 
 
 def cli_value(value: Any) -> str:
@@ -224,7 +212,7 @@ def launch_commands(
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-_CONFIG = clflags.config_file("config", "sweep config: configs/sweeps/<name>.py[:arg]")
+_CONFIG = clflags.config_file("config", "sweep config: sweeps/<name>.py[:arg] or a path")
 _WORKDIR = clflags.string("workdir", None, "Root folder of the sweep's runs.")
 _LAUNCH = clflags.string("launch", "local", "local: train here one by one; print: commands.")
 _CLUSTER = clflags.string("cluster", "slurm", "For --launch print: slurm | tpu.")

@@ -1,8 +1,8 @@
 r"""Train a classifier (or, with config.task="segment", the foreground segmenter) from a config
 file, big_vision style, readable top to bottom.
 
-    bgjax train --config configs/synthetic.py:arch=vit,strategy=late --workdir runs/vit_late
-    python -m bgjax.train --config configs/cub.py:size=small --workdir runs/cub \
+    bgjax train --config synthetic.py:arch=vit,strategy=late --workdir runs/vit_late
+    python -m bgjax.train --config cub.py:size=small --workdir runs/cub \
         --config.total_steps=2000 --config.optimizer.lr=3e-4
 
 parse -> mesh -> data -> model -> optimizer -> restore-or-init -> loop (step, log, eval,
@@ -45,7 +45,7 @@ from bgjax.data import pipeline
 from bgjax.train_state import Setup, make_setup
 
 # clflags: idempotent definitions, so `bgjax demo` / tests can import several command modules.
-_CONFIG = clflags.config_file("config", "Training config: configs/<experiment>.py[:k=v,...]")
+_CONFIG = clflags.config_file("config", "Training config: cub.py[:k=v,...] (packaged) or a path")
 _WORKDIR = clflags.string("workdir", None, "Directory for checkpoints, logs and config.json.")
 _COORDINATOR = clflags.string(
     "coordinator_address", None, "host:port of process 0 (multi-process; env BGJAX_COORDINATOR)."

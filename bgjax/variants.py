@@ -109,7 +109,8 @@ def only_bg_b(image: np.ndarray, bbox: BBox) -> np.ndarray:
 
 
 def _widest_margin_strip(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """The reference script's strip choice (REFERENCE.md §1), ties resolved exactly as there.
+    """The strip choice of the backgrounds_challenge script, ties resolved exactly as there
+    (docs/reference.md#only-bg-t).
 
     A full-height side strip only if it has strictly more pixels than the widest full-width
     top/bottom strip; left only if strictly wider than right; top only if strictly taller.

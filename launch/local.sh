@@ -4,7 +4,7 @@
 # fails the others are stopped and the script fails. SIGTERM/SIGINT are forwarded (preemption).
 #
 #   launch/local.sh N [-d DEVICES_PER_PROCESS] [-l LOG_DIR] -- <bgjax train args>
-#   launch/local.sh 2 -d 2 -- --config configs/synthetic.py:size=tiny --workdir runs/mp
+#   launch/local.sh 2 -d 2 -- --config synthetic.py:size=tiny --workdir runs/mp
 #
 # Process i's output is prefixed "[i] " (or written to LOG_DIR/process_i.log with -l).
 # PYTHON (default: python) runs `-m bgjax.cli train`.

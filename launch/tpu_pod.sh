@@ -3,7 +3,7 @@
 # install, and run the same `bgjax train` on all workers (JAX finds its peers itself).
 #
 #   launch/tpu_pod.sh NAME ZONE ACCELERATOR -- <bgjax train args>
-#   launch/tpu_pod.sh bgjax-v4 us-central2-b v4-32 -- --config configs/cub.py:arch=vit,size=large \
+#   launch/tpu_pod.sh bgjax-v4 us-central2-b v4-32 -- --config cub.py:arch=vit,size=large \
 #       --workdir /mnt/shared/runs/cub_vitl --config.data.root=/mnt/shared/CUB_200_2011
 #
 # Env: TPU_VERSION (runtime image, default tpu-ubuntu2204-base), TPU_SPOT=1 (spot VMs; on

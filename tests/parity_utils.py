@@ -1,7 +1,8 @@
 """Helpers for tests that compare our models with timm's.
 
 timm's default init hides bugs (layer-scale 1e-6, zero biases, unit norms), so parity tests first
-fill *every* tensor with deterministic random values of a sane scale (REFERENCE.md §5).
+fill *every* tensor with deterministic random values of a sane scale
+(docs/reference.md#timm-parity).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 def require_timm():
     """The `timm` module, or skip the calling test when torch/timm are not installed."""
     pytest.importorskip("torch")
-    from bgjax.timm_compat import import_timm
+    from timm_compat import import_timm
 
     try:
         return import_timm()

@@ -1,16 +1,18 @@
-"""configs/*.py load, validate and build their models; bad args / override keys are clear errors."""
+"""The packaged configs load, validate and build their models; bad args / override keys are clear
+errors; `--config` takes a path or a packaged name."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from absl import flags
 from flax import nnx
 
 from bgjax import config_utils, models, optim, tasks, train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = config_utils.CONFIGS_DIR
 
 ARGS = {
     "synthetic.py": ["", "size=tiny", "arch=vit,strategy=late,size=tiny", "strategy=mixed_rand",
@@ -97,3 +99,28 @@ def test_unknown_override_key_is_a_clear_command_line_error(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert "unknown config key 'optimizer.learning_rate'" in last and "lr" in last, done.stderr
     assert not (tmp_path / "config.json").exists()
+
+
+def test_config_names_resolve_to_packaged_files(tmp_path, monkeypatch):
+    assert {"synthetic.py", "cub.py", "sweeps/synthetic_tiny.py"} <= set(
+        config_utils.packaged_configs()
+    )
+    packaged = f"{CONFIGS / 'synthetic.py'}:size=tiny"
+    assert config_utils.resolve_config("synthetic.py:size=tiny") == packaged
+    assert config_utils.resolve_config("configs/synthetic.py:size=tiny") == packaged  # old name
+    assert config_utils.resolve_config(packaged) == packaged
+    tiny_sweep = config_utils.resolve_config("sweeps/synthetic_tiny.py")
+    assert tiny_sweep == str(CONFIGS / "sweeps" / "synthetic_tiny.py")
+    with pytest.raises(FileNotFoundError, match=r"'nosuch.py'.*packaged: cub.py, in9.py"):
+        config_utils.load_config("nosuch.py:size=tiny")
+    # A file of that name in the working directory comes before the packaged one.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "synthetic.py").write_text("def get_config(arg):\n    return {'mine': arg}\n")
+    assert config_utils.load_config("synthetic.py:x") == {"mine": "x"}
+
+
+def test_config_flag_takes_packaged_names():
+    parser = flags.FLAGS["config"].parser  # `bgjax train --config` (bgjax.clflags.config_file)
+    assert parser.parse("synthetic.py:size=tiny").total_steps == 6
+    with pytest.raises(ValueError, match="packaged: cub.py"):
+        parser.parse("nosuch.py")

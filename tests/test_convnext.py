@@ -14,8 +14,8 @@ from parity_utils import (
     torch_forward,
 )
 
-from bgjax import models
-from bgjax.models import convnext, masking, timm_io
+from bgjax import data, models
+from bgjax.models import convnext, cpu_kernels, masking, timm_io
 
 # One small architecture for everything but parity. Equal widths keep the number of distinct
 # parameter shapes (one initialiser compile each) low; the grouped depthwise conv compiles much
@@ -142,45 +142,22 @@ def test_abstract_large_carries_fsdp_metadata(abstract_models):
 # ------------------------------------------------------------------------- building blocks
 
 
-def test_depthwise_lowerings_agree(monkeypatch):
+def test_depthwise_conv_lowering_follows_the_switch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 11, 6)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 6)), jnp.float32)
-    shifted = jax.jit(convnext.depthwise_shifted)(x, kernel)
-    grouped = jax.jit(convnext.depthwise_grouped)(x, kernel)
-    assert shifted.shape == x.shape
-    np.testing.assert_allclose(shifted, grouped, atol=1e-5)
-    # The module picks the lowering by backend ("auto") or as told; same parameters either way.
-    used = []
-    for name in ("depthwise_shifted", "depthwise_grouped"):
-        fn = getattr(convnext, name)
-        monkeypatch.setattr(
-            convnext, name, lambda *a, fn=fn, name=name: used.append(name) or fn(*a)
-        )
-    for impl in ("auto", "shifted", "grouped"):
-        conv = convnext.DepthwiseConv(6, impl=impl, rngs=nnx.Rngs(0))
+    shifted = jax.jit(cpu_kernels.depthwise_shifted)(x, kernel)
+    # The module takes the lowering of its model's kernels ("auto": by backend) or of dw_impl;
+    # same parameters and values either way.
+    auto = "shifted" if jax.default_backend() == "cpu" else "grouped"
+    cases = [("auto", "auto", auto), ("cpu", "auto", "shifted"), ("xla", "auto", "grouped")]
+    cases += [("auto", "shifted", "shifted"), ("cpu", "grouped", "grouped")]
+    for kernels, dw_impl, expected in cases:
+        ops = cpu_kernels.ops(kernels, dw_impl=dw_impl)
+        conv = convnext.DepthwiseConv(6, ops=ops, rngs=nnx.Rngs(0))
         conv.kernel.set_value(kernel)
+        assert conv.ops.depthwise_conv is getattr(cpu_kernels, f"depthwise_{expected}")
         np.testing.assert_allclose(conv(x), shifted + conv.bias[...], atol=1e-5)
-    auto = "depthwise_shifted" if jax.default_backend() == "cpu" else "depthwise_grouped"
-    assert used == [auto, "depthwise_shifted", "depthwise_grouped"]
-
-
-@pytest.mark.parametrize("shape", [(2, 9, 13, 5), (2, 7, 28, 3)])  # FFT lengths 16x20, 14x36
-def test_depthwise_shifted_gradients_match_grouped(shape):
-    # The shifted lowering has a hand-written backward (flipped-kernel conv + FFT correlation).
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((7, 7, 1, shape[-1])), jnp.float32)
-    cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    ours = jax.vjp(convnext.depthwise_shifted, x, kernel)[1](cotangent)
-    reference = jax.vjp(convnext.depthwise_grouped, x, kernel)[1](cotangent)
-    for got, want in zip(ours, reference):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-
-
-def test_fft_size_is_an_even_7_smooth_length_no_shorter_than_asked():
-    # Each stage of ConvNeXt at 224 px (7 + 6, 14 + 6, 28 + 6, 56 + 6) and a few edge cases.
-    assert [convnext._fft_size(n) for n in (13, 20, 34, 62, 1, 2, 11)] == [14, 20, 36, 64, 2, 2, 12]
 
 
 def test_drop_path_rates_rise_linearly():
@@ -201,7 +178,7 @@ def test_early_masking_ignores_background(batch):
     logits = _logits(model, x, mask)
     np.testing.assert_array_equal(logits, _logits(model, x_other_bg, mask))
     # "black" fill: the same as an unmasked model shown the image with black background.
-    fill = masking.early_fill_value("black", convnext.IMAGENET_MEAN, convnext.IMAGENET_STD)
+    fill = masking.early_fill_value("black", data.IMAGENET_MEAN, data.IMAGENET_STD)
     blacked = jnp.where(mask[..., None] > 0, x, jnp.asarray(fill))
     np.testing.assert_allclose(logits, _logits(tiny(), blacked), atol=1e-5)
     # No gradient reaches background pixels.
@@ -305,7 +282,8 @@ def test_remat_gives_the_same_gradients():
     x = jnp.asarray(random_images(2, 8, seed=2)).repeat(4, axis=-1)[..., :8]
     stages = [
         convnext.Stage(8, 8, [0.0, 0.0], downsample=False, remat=remat, conv_mlp=False,
-                       ls_init_value=0.5, dw_impl="grouped", dtype=jnp.float32, rngs=nnx.Rngs(0))
+                       ls_init_value=0.5, ops=cpu_kernels.ops(dw_impl="grouped"),
+                       dtype=jnp.float32, rngs=nnx.Rngs(0))
         for remat in (False, True)
     ]  # fmt: skip
 

@@ -341,7 +341,7 @@ def trained_workdir(tmp_path_factory):
     """A real 2-step ViT run (FSDP over 2 x 2 devices), checkpoints at steps 1 and 2."""
     from bgjax import config_utils, train
 
-    config = config_utils.load_config(f"{REPO}/configs/synthetic.py:arch=vit,size=tiny")
+    config = config_utils.load_config("synthetic.py:arch=vit,size=tiny")
     config.update(total_steps=2, progress_bar=False, mesh=[("data", 2), ("fsdp", 2)])
     config.checkpoint.every_steps = 1
     config.eval.every_steps = 0

@@ -1,4 +1,5 @@
-"""hostmem.keep_freed_memory: big step buffers are reused, not mapped and faulted afresh."""
+"""hostmem.keep_freed_memory: big step buffers are reused, not mapped and faulted afresh; only
+when JAX will run on the CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
+from bgjax import hostmem
+
+glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 
@@ -51,6 +54,7 @@ def _run(keep_heap: str) -> tuple[bool, int]:
     return applied == "True", int(faults)
 
 
+@glibc_only
 def test_keep_freed_memory_stops_per_call_page_faults():
     applied, faults = _run("sync")
     off_applied, off_faults = _run("0")
@@ -58,3 +62,44 @@ def test_keep_freed_memory_stops_per_call_page_faults():
     # 128 MB = 32,768 pages of 4 KB: without the setting each call maps and faults them afresh.
     assert off_faults > 16_000, off_faults
     assert faults < 1_000, faults
+
+
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """The mallopt settings `keep_freed_memory` would apply, recorded instead of applied."""
+    calls = []
+    monkeypatch.setattr(hostmem, "_mallopt", lambda settings: calls.append(settings) or True)
+    monkeypatch.setattr(hostmem, "sync_cpu_dispatch", lambda: calls.append("sync"))
+    monkeypatch.setattr(hostmem, "_accelerator_plugins", lambda: [])
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["1", "sync"])
+def test_keep_freed_memory_does_nothing_off_the_cpu_backend(monkeypatch, mallopt_calls, mode):
+    monkeypatch.setenv("BGJAX_KEEP_HEAP", mode)
+    for platforms in ("cuda", "tpu", "gpu,cpu", "rocm"):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        assert not hostmem.cpu_backend()
+        assert hostmem.keep_freed_memory() is False
+    # No JAX_PLATFORMS: an installed accelerator plugin makes it JAX's default backend.
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(hostmem, "_accelerator_plugins", lambda: ["xla_cuda12"])
+    assert hostmem.keep_freed_memory() is False
+    assert mallopt_calls == []
+    # The CPU backend, named or by default: applied.
+    monkeypatch.setattr(hostmem, "_accelerator_plugins", lambda: [])
+    assert hostmem.keep_freed_memory() is True
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,cuda")
+    assert hostmem.keep_freed_memory() is True
+    assert len(mallopt_calls) == (2 if mode == "1" else 4)
+
+
+def test_accelerator_plugins_are_found_as_jax_finds_them(monkeypatch, tmp_path):
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    before = hostmem._accelerator_plugins()
+    (tmp_path / "jax_plugins" / "xla_fake").mkdir(parents=True)  # a namespace-package plugin
+    (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert hostmem._accelerator_plugins() == [*before, "xla_fake"]
+    monkeypatch.setenv("TPU_LIBRARY_PATH", "/opt/libtpu.so")
+    assert hostmem._accelerator_plugins()[-1] == "tpu"

@@ -12,7 +12,7 @@ import pytest
 from bgjax import config_utils, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = f"{REPO}/configs/synthetic.py:arch=vit,size=tiny"
+TINY = "synthetic.py:arch=vit,size=tiny"  # a packaged config, by name
 # The launcher runs $PYTHON: this interpreter, whether or not its venv is on PATH.
 ENV = dict(os.environ, PYTHON=sys.executable)
 OVERRIDES = ["--config.progress_bar=False", "--config.total_steps=4", "--config.eval.every_steps=2"]

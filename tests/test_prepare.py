@@ -14,8 +14,9 @@ from fake_trees import object_image, write_cub, write_imagenet, write_in9_releas
 from ml_collections import ConfigDict
 
 from bgjax import variants
-from bgjax.data import cub, get_source, in9, in9l, tfds_builders, waterbirds
+from bgjax.data import builders, cub, get_source, in9, in9l, waterbirds
 from bgjax.data.imagefiles import CorruptImageError, encode
+from bgjax.data.tfds import TfdsSource
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def _same_examples(a, b):
 
 def test_in9_round_trip_keeps_every_variant_and_file(tmp_path):
     release = write_in9_release(tmp_path / "src", per_class=1)
-    stats = tfds_builders.prepare("in9", release.parent, tmp_path / "tfds")
+    stats = builders.prepare("in9", release.parent, tmp_path / "tfds")
     assert set(stats) == {"val"} | {f"val_{v}" for v in variants.VARIANTS[1:]}
     assert all(s["written"] == 9 and s["skipped_corrupt"] == 0 for s in stats.values())
     for variant in ("original", "mixed_rand"):
@@ -45,7 +46,7 @@ def test_in9_round_trip_keeps_every_variant_and_file(tmp_path):
     plain = tfds.data_source("in9", split="val_only_fg", data_dir=str(tmp_path / "tfds"))
     np.testing.assert_array_equal(plain[4]["image"], in9.In9Source(release, "only_fg")[4]["image"])
     with pytest.raises(ValueError, match="no split 'val_nonsense'"):
-        tfds_builders.TfdsSource("in9", "val", tmp_path / "tfds", variant="nonsense")
+        TfdsSource("in9", "val", tmp_path / "tfds", variant="nonsense")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,9 @@ def birds(tmp_path_factory):
 
 
 def test_cub_round_trip_with_soft_alpha(birds, tmp_path):
-    stats = tfds_builders.prepare("cub", birds["cub"], tmp_path)
+    stats = builders.prepare("cub", birds["cub"], tmp_path)
     assert {s: v["written"] for s, v in stats.items()} == {"train": 20, "test": 20}
-    stored = tfds_builders.TfdsSource("cub", "test", tmp_path)
+    stored = TfdsSource("cub", "test", tmp_path)
     _same_examples(stored, cub.CubSource(birds["cub"], "test"))
     record = stored._open("test")[0]
     assert record["alpha"][:4] == b"\x89PNG" and record["image"][:2] == b"\xff\xd8"
@@ -67,7 +68,7 @@ def test_cub_round_trip_with_soft_alpha(birds, tmp_path):
     assert saved["class_labels"]["test"]["label"] == stored.info.labels.tolist()
     metadata.unlink()
     np.testing.assert_array_equal(
-        tfds_builders.TfdsSource("cub", "test", tmp_path).info.labels, stored.info.labels
+        TfdsSource("cub", "test", tmp_path).info.labels, stored.info.labels
     )
     clone = pickle.loads(pickle.dumps(stored))  # Grain workers get a pickled source
     np.testing.assert_array_equal(clone[3]["image"], stored[3]["image"])
@@ -75,7 +76,7 @@ def test_cub_round_trip_with_soft_alpha(birds, tmp_path):
 
 def test_waterbirds_generated_round_trip(birds, tmp_path):
     options = dict(places_root=str(birds["places"]), correlation=0.95, seed=3)
-    stats = tfds_builders.prepare("waterbirds", birds["cub"], tmp_path, options=options)
+    stats = builders.prepare("waterbirds", birds["cub"], tmp_path, options=options)
     assert sum(s["written"] for s in stats.values()) == 40
     folder = dict(name="waterbirds", cub_root=str(birds["cub"]), **options)
     stored = dict(name="tfds", tfds_name="waterbirds", data_dir=str(tmp_path))
@@ -96,7 +97,7 @@ def test_waterbirds_generated_round_trip(birds, tmp_path):
     )
 
 
-class CaltechBirds2011(tfds_builders.LocalBuilder, skip_registration=True):
+class CaltechBirds2011(builders.LocalBuilder, skip_registration=True):
     """The features of TFDS's caltech_birds2011 (bbox as BBoxFeature), from a fake CUB."""
 
     VERSION = tfds.core.Version("0.2.0")
@@ -159,11 +160,11 @@ def test_corrupt_image_fails_prepare_or_is_skipped_and_counted(tmp_path):
     bad = cub.CubSource(base, "train").image_file(1)
     bad.write_bytes(b"\xff\xd8 broken")
     with pytest.raises(CorruptImageError, match=bad.name):
-        tfds_builders.prepare("cub", base, tmp_path / "a")
-    stats = tfds_builders.prepare("cub", base, tmp_path / "b", skip_corrupt=True)
+        builders.prepare("cub", base, tmp_path / "a")
+    stats = builders.prepare("cub", base, tmp_path / "b", skip_corrupt=True)
     assert stats["train"]["skipped_corrupt"] == 1 and stats["train"]["written"] == 9
     assert stats["train"]["corrupt_files"][0].startswith(f"corrupt image {bad}: ")
-    assert len(tfds_builders.TfdsSource("cub", "train", tmp_path / "b")) == 9
+    assert len(TfdsSource("cub", "train", tmp_path / "b")) == 9
 
 
 def test_grabcut_finds_an_obvious_object():
@@ -179,7 +180,7 @@ def test_grabcut_finds_an_obvious_object():
 def test_in9l_prepare_runs_grabcut_once_and_reads_back(tmp_path):
     pytest.importorskip("cv2")
     truth = write_imagenet(tmp_path / "imagenet", per_class=1)
-    stats = tfds_builders.prepare("in9l", tmp_path / "imagenet", tmp_path / "tfds")["train"]
+    stats = builders.prepare("in9l", tmp_path / "imagenet", tmp_path / "tfds")["train"]
     assert stats["written"] == 9 and stats["rejected"] == {}
     assert stats["not_qualifying"] == {
         "no box annotation": 1,
@@ -245,4 +246,4 @@ def test_cli_check_and_prepare(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert 'in9/val_only_fg: {"written": 9' in run.stdout
-    assert len(tfds_builders.TfdsSource("in9", "val", tmp_path / "tfds", variant="only_fg")) == 9
+    assert len(TfdsSource("in9", "val", tmp_path / "tfds", variant="only_fg")) == 9

@@ -1,7 +1,6 @@
 """The binary segmenter, its loss and metrics, and predicted-mask sources (`bgjax.masks`)."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from bgjax.data import pipeline
 from bgjax.models import segmenter as seg
 from bgjax.models import timm_io
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = config_utils.CONFIGS_DIR
 # Grouped depthwise convs: one op each, where CPU's default "shifted" form is 49 (eager tests).
 ENCODER_ARCH = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 32), dw_impl="grouped")
 TINY_CONVNEXT = dict(ENCODER_ARCH, decoder_dim=8, refine_dim=4)
@@ -230,7 +229,7 @@ def _config(spec, overrides=None):
 
 @pytest.fixture(scope="module")
 def segmenter_run(tmp_path_factory):
-    """configs/segmenter.py:size=tiny trained by `bgjax.train` (32 px, 150 steps)."""
+    """segmenter.py:size=tiny trained by `bgjax.train` (32 px, 150 steps)."""
     workdir = tmp_path_factory.mktemp("segmenter")
     summary = train.train(_config(f"{CONFIGS / 'segmenter.py'}:size=tiny"), str(workdir))
     return workdir, summary

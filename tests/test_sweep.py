@@ -15,7 +15,7 @@ from bgjax import aggregate, config_utils, sweep
 from bgjax import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = f"{REPO}/configs/sweeps/synthetic_tiny.py"
+TINY = "sweeps/synthetic_tiny.py"  # a packaged config, by name
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_expand_names_and_settings(tiny):
 def test_expand_dict_points_and_errors():
     sweep_config = ml_collections.ConfigDict(
         dict(
-            base="configs/synthetic.py",
+            base="configs/synthetic.py",  # the old repository-relative spelling still works
             base_arg="size=tiny",
             axes=[
                 ("model", [{"name": "vt", "arg.arch": "vit"}, {"arg.arch": "convnext"}]),
@@ -130,9 +130,10 @@ def test_print_commands_reproduce_the_runs(tiny):
     for run, command in zip(runs, commands):
         words = shlex.split(command)
         assert words[:3] == ["sbatch", f"--job-name={run.name}", "launch/slurm.sbatch"]
-        config, workdir = _parse_train_command(
-            [w.replace("configs/", f"{REPO}/configs/", 1) for w in words[3:]]
-        )
+        args = words[3:]
+        at = args.index("--config") + 1
+        args[at] = config_utils.resolve_config(args[at])  # the packaged name, as `bgjax train` does
+        config, workdir = _parse_train_command(args)
         assert workdir == f"ROOT/{run.name}"
         assert config.to_dict() == run.config().to_dict()
     tpu = sweep.launch_commands("ROOT", runs[:1], "tpu", ("pod", "zone-a", "v4-8"))

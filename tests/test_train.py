@@ -24,7 +24,7 @@ from bgjax.data import pipeline
 from bgjax.tasks import classify
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = f"{REPO}/configs/synthetic.py:arch=vit,size=tiny"
+TINY = "synthetic.py:arch=vit,size=tiny"  # a packaged config, by name
 
 
 def _tiny_config(**overrides):
@@ -262,7 +262,7 @@ def test_init_from_timm_weights_keeps_a_mismatched_head(tmp_path):
 
 @pytest.mark.slow
 def test_segmenter_task_then_its_masks_feed_a_classifier(tmp_path):
-    seg = config_utils.load_config(f"{REPO}/configs/segmenter.py:size=tiny,arch=vit")
+    seg = config_utils.load_config("segmenter.py:size=tiny,arch=vit")
     overrides = {"total_steps": 2, "optimizer.warmup_steps": 1, "checkpoint.every_steps": 2}
     for key, value in {**overrides, "eval.every_steps": 2, "progress_bar": False}.items():
         *parents, leaf = key.split(".")

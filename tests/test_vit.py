@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from bgjax import models
-from bgjax.models import layers, timm_io, vit
+from bgjax.models import pos_embed, timm_io, vit
 
 SIZE = 32  # px; vit_custom: patch 8 -> 4x4 grid, width 32, 2 heads, 2 blocks
 TINY = dict(reg_tokens=2, no_embed_class=True, init_values=0.5)  # DINOv2-reg-like
@@ -93,76 +93,6 @@ def test_token_grid_rules(data):
             assert anyfg[b, t] == patch.any()
     # The masks must exercise all cases: background, partial and full patches.
     assert (anyfg == 0).any() and (centre < anyfg).any() and (centre == 1).any()
-
-
-def test_cpu_attention_equals_jax_attention():
-    # The CPU path (heads-first einsums) computes what jax.nn.dot_product_attention does.
-    rng = np.random.default_rng(3)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 7, 3, 8)), jnp.float32) for _ in range(3))
-    keys = rng.random((2, 7)) > 0.4
-    keys[:, 0] = True
-    for mask in (None, jnp.asarray(keys)[:, None, None, :]):
-        np.testing.assert_allclose(
-            vit.attention_heads_first(q, k, v, mask),
-            jax.nn.dot_product_attention(q, k, v, mask=mask),
-            atol=1e-6,
-        )
-
-
-def test_cpu_attention_gradient_equals_autodiff():
-    # The hand-written VJP, on uneven batch slices (3 rows, 2 slices), with and without a key
-    # mask, gives autodiff's gradients of jax.nn.dot_product_attention.
-    rng = np.random.default_rng(4)
-    q, k, v, d_out = (jnp.asarray(rng.standard_normal((3, 7, 2, 8)), jnp.float32) for _ in "qkvo")
-    keys = rng.random((3, 7)) > 0.4
-    keys[:, 0] = True
-    for mask in (None, jnp.asarray(keys)[:, None, None, :]):
-        ours = jax.vjp(functools.partial(vit.attention_heads_first, mask=mask, slices=2), q, k, v)
-        ref = jax.vjp(functools.partial(jax.nn.dot_product_attention, mask=mask), q, k, v)
-        np.testing.assert_allclose(ours[0], ref[0], atol=1e-6)
-        for got, want in zip(ours[1](d_out), ref[1](d_out)):
-            np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_gelu_exact_gradient_equals_autodiff():
-    x = jnp.linspace(-8.0, 8.0, 401)
-    np.testing.assert_allclose(layers.gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
-    assert layers.gelu_exact(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
-    np.testing.assert_allclose(
-        jax.grad(lambda x: (layers.gelu_exact(x) * x).sum())(x),
-        jax.grad(lambda x: (jax.nn.gelu(x, approximate=False) * x).sum())(x),
-        rtol=1e-6,
-        atol=1e-6,
-    )
-
-
-@pytest.mark.parametrize("shape", [(2, 5, 24), (2, 3, 4, 12)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_matches_nnx_values_and_gradients(shape, dtype):
-    """layers.LayerNorm (hand-written gradient, matmul row means on CPU) vs nnx autodiff."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(2.0, 3.0, shape), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    ours = layers.layer_norm(shape[-1], dtype, nnx.Rngs(0))
-    ours.scale.value = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
-    ours.bias.value = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
-    reference = nnx.LayerNorm(
-        shape[-1], epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=nnx.Rngs(0)
-    )
-    reference.scale.value, reference.bias.value = ours.scale.value, ours.bias.value
-
-    def loss(norm, x):  # a weighted sum, so every output element gets its own gradient
-        return (norm(x).astype(jnp.float32) * weights).sum()
-
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    assert ours(x).dtype == reference(x).dtype == dtype
-    np.testing.assert_allclose(ours(x).astype(jnp.float32), reference(x).astype(jnp.float32), **tol)
-    (g_ours, gx_ours), (g_ref, gx_ref) = (
-        nnx.grad(loss, argnums=(0, 1))(norm, x) for norm in (ours, reference)
-    )
-    np.testing.assert_allclose(gx_ours, gx_ref, **tol)
-    np.testing.assert_allclose(g_ours.scale.value, g_ref.scale.value, **tol)
-    np.testing.assert_allclose(g_ours.bias.value, g_ref.bias.value, **tol)
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,7 +314,7 @@ def test_bad_inputs_raise(data):
     with pytest.raises(ValueError, match="late_block"):
         vit.vit_custom(masking="late", late_block=-3)
     with pytest.raises(ValueError, match="square"):
-        vit.resample_pos_embed(np.zeros((1, 1 + 12, 4), np.float32), (4, 4))
+        pos_embed.resample_pos_embed(np.zeros((1, 1 + 12, 4), np.float32), (4, 4))
 
 
 # ------------------------------------------------------------------------------------------
@@ -478,10 +408,10 @@ def test_resample_pos_embed_matches_timm(antialias):
             torch.from_numpy(pos), list(new), list(old), num_prefix_tokens=prefix,
             antialias=antialias,
         ).numpy()  # fmt: skip
-        ours = vit.resample_pos_embed(pos, new, old, prefix, antialias=antialias)
+        ours = pos_embed.resample_pos_embed(pos, new, old, prefix, antialias=antialias)
         traced = jax.jit(
             functools.partial(
-                vit.resample_pos_embed,
+                pos_embed.resample_pos_embed,
                 new_grid=new,
                 old_grid=old,
                 num_prefix_tokens=prefix,
@@ -507,6 +437,6 @@ def test_sincos2d_pos_embed_init():
     assert sims[1] > sims[2] and sims[w] > sims[2 * w]
     assert len({tuple(np.round(r, 5)) for r in grid}) == h * w
     with pytest.raises(ValueError, match="divisible by 4"):
-        vit.sincos_2d_pos_embed((2, 2), 6)
+        pos_embed.sincos_2d_pos_embed((2, 2), 6)
     with pytest.raises(ValueError, match="pos_embed_init"):
         vit.vit_custom(pos_embed_init="random")

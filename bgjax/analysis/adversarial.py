@@ -1,4 +1,4 @@
-"""Adversarial backgrounds ("Noise or Signal" §5; REFERENCE.md §1).
+"""Adversarial backgrounds ("Noise or Signal" §5; docs/reference.md#adversarial-backgrounds).
 
 For every foreground (test image + mask) try ONLY_BG_T backgrounds of the whole set, all classes,
 composite = background * (1 - mask) + image * mask, until one changes the prediction away from the

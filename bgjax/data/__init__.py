@@ -68,19 +68,15 @@ class Source(Protocol):
 
 
 # dataset name -> "module:factory"; factory(config: ConfigDict, split: str) -> Source.
-# Readers of real datasets register here; they are imported only when asked for.
+# Readers of real datasets are listed here; they are imported only when asked for.
 _REGISTRY: dict[str, str] = {
     "synthetic": "bgjax.data.synthetic:make_source",
     "in9": "bgjax.data.in9:make_source",
     "in9l": "bgjax.data.in9l:make_source",
     "cub": "bgjax.data.cub:make_source",
     "waterbirds": "bgjax.data.waterbirds:make_source",
-    "tfds": "bgjax.data.tfds_builders:make_source",
+    "tfds": "bgjax.data.tfds:make_source",
 }
-
-
-def register(name: str, target: str) -> None:
-    _REGISTRY[name] = target
 
 
 def names() -> tuple[str, ...]:

@@ -226,9 +226,9 @@ class CubSource:
 
 def make_source(config: Any, split: str):
     if config.get("source", "folder") == "tfds":
-        from bgjax.data import tfds_builders  # imports TFDS only when asked for
+        from bgjax.data import tfds  # imports TFDS only when asked for
 
-        return tfds_builders.TfdsSource(
+        return tfds.TfdsSource(
             config.get("tfds_name", "caltech_birds2011"), split, config.get("data_dir")
         )
     return CubSource(

@@ -61,11 +61,13 @@ SPLITS = ("val",)
 MASK_DIR = "fg_mask"
 DETERMINISTIC_VARIANTS = ("only_bg_b", "only_bg_t", "no_fg", "only_fg")
 BOX_SOURCES = ("mask", "only_bg_b")
-# Normalisation of IN-9-trained models (REFERENCE.md §1); ImageNet models use DatasetInfo's default.
+# Normalisation of IN-9-trained models (docs/reference.md#in9-normalisation); ImageNet models use
+# DatasetInfo's default.
 MEAN = (0.4717, 0.4499, 0.3837)
 STD = (0.2600, 0.2516, 0.2575)
 
-# ImageNet-1k class index -> IN-9 class (inclusive ranges), as in the reference evaluation code.
+# ImageNet-1k class index -> IN-9 class (inclusive ranges), as in the evaluation code of
+# github.com/MadryLab/backgrounds_challenge (docs/reference.md#in9-class-mapping).
 # fmt: off
 _IMAGENET_RANGES: dict[str, Sequence[int | tuple[int, int]]] = {
     "dog": [(151, 170), (173, 268)],  # 151-268 except 171, 172

@@ -9,12 +9,13 @@ Inputs (the standard ILSVRC-2012 layouts):
     per line, optionally followed by its words; ImageNet ships it), else the list packaged with
     timm (read from timm's data files; timm is not imported).
 
-An image of one of the 370 synsets that IN-9 maps (REFERENCE.md §1; `in9.imagenet_to_in9`)
-qualifies as the paper's pipeline required: its annotation has exactly one box; after the
-standard resize (shorter side 256) and centre crop (224) the box covers at most 90% of the crop
-and at least half of the resized box lies inside the crop (computed geometrically); the image's
-size matches the annotation; OpenCV GrabCut initialised with the box (5 iterations) marks at
-least 10% of the box as foreground (else retried with new seeds, up to 10 times).
+An image of one of the 370 synsets that IN-9 maps (`in9.imagenet_to_in9`;
+docs/reference.md#in9-class-mapping) qualifies as the paper's pipeline required
+(docs/reference.md#in9-variants): its annotation has exactly one box; after the standard resize
+(shorter side 256) and centre crop (224) the box covers at most 90% of the crop and at least half
+of the resized box lies inside the crop (computed geometrically); the image's size matches the
+annotation; OpenCV GrabCut initialised with the box (5 iterations) marks at least 10% of the box
+as foreground (else retried with new seeds, up to 10 times).
 
 `bgjax prepare in9l` runs GrabCut ONCE per qualifying image and stores the 224 px crop (JPEG
 q95, as the release), its mask (PNG) and box in a TFDS dataset "in9l" (split "train"); at
@@ -331,12 +332,12 @@ def balanced_subset(labels: np.ndarray, per_class: int | None = None, seed: int 
 
 def make_source(config: Any, split: str):
     """The prepared IN-9L (`bgjax prepare in9l`) or its balanced IN-9 subset."""
-    from bgjax.data import tfds_builders  # imports TFDS only when asked for
+    from bgjax.data import tfds  # imports TFDS only when asked for
 
     subset = config.get("subset", "in9l")
     if subset not in SUBSETS:
         raise ValueError(f"data.subset must be one of {SUBSETS}, got {subset!r}")
-    source = tfds_builders.TfdsSource("in9l", split, config.get("data_dir"))
+    source = tfds.TfdsSource("in9l", split, config.get("data_dir"))
     if subset == "in9":
         indices = balanced_subset(
             source.info.labels, config.get("per_class"), int(config.get("subset_seed", 0))

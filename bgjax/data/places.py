@@ -18,7 +18,7 @@ import numpy as np
 
 from bgjax.data import imagefiles as files
 
-# The Waterbirds habitats (REFERENCE.md §3): index 0 land, 1 water.
+# The Waterbirds habitats (docs/reference.md#waterbirds): index 0 land, 1 water.
 WATERBIRDS_HABITATS = ("land", "water")
 log = logging.getLogger(__name__)
 WATERBIRDS_CATEGORIES = (("bamboo_forest", "forest/broadleaf"), ("ocean", "lake/natural"))

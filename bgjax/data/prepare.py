@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 
 from bgjax import clflags
-from bgjax.data import tfds_builders
+from bgjax.data import builders
 
 _MANUAL_DIR = clflags.string("manual_dir", None, "folder with the dataset's files")
 _DATA_DIR = clflags.string("data_dir", None, "TFDS data dir to write into")
@@ -73,8 +73,8 @@ def _options(name: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in tfds_builders.NAMES:
-        raise ValueError(f"usage: bgjax prepare {{{','.join(tfds_builders.NAMES)}}} [flags]")
+    if len(argv) != 2 or argv[1] not in builders.NAMES:
+        raise ValueError(f"usage: bgjax prepare {{{','.join(builders.NAMES)}}} [flags]")
     name = argv[1]
     if not _MANUAL_DIR.value:
         raise ValueError("--manual_dir (the folder with the dataset's files) is required")
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
         return
     if not _DATA_DIR.value:
         raise ValueError("--data_dir (the TFDS data dir to write into) is required")
-    stats = tfds_builders.prepare(
+    stats = builders.prepare(
         name,
         _MANUAL_DIR.value,
         _DATA_DIR.value,

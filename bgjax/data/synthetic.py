@@ -19,22 +19,8 @@ Design choices that make the benchmark mean something:
   * Objects fit in a disc of at most `_MAX_DIAMETER` of the image side, leaving background margins
     for the IN-9 ONLY_BG_T tiling.
   * Tuned so that small models learn BOTH cues, the background first (palette + faint texture)
-    and the shape later, as real classifiers do. Measured by `bgjax demo` (32 px, seed 0, 9,000
-    training images, batch 64, AdamW lr 1e-3; IN-9 variants on "test_iid", groups on
-    "test_balanced"; configs/synthetic.py's small models: ConvNeXt 400 steps, ViT 800):
-
-      model (training)              orig  m_same m_rand only_bg_t BG-gap worst-group
-      ConvNeXt small (original)     0.81  0.78   0.31   0.43      0.47   0.00
-      ConvNeXt small (mixed_rand)   0.65  0.65   0.65   0.11      -0.00  0.15
-      ConvNeXt small (early mask)   0.96  0.96   0.96   0.11      0.00   0.80
-      ViT small      (original)     0.89  0.86   0.13   0.66      0.73   0.00
-      ViT small      (mixed_rand)   0.69  0.71   0.70   0.11      0.02   0.20
-      ViT small      (early mask)   0.94  0.94   0.94   0.11      0.00   0.75
-    (`bgjax demo`, 2026-11-21 15:27 UTC. The Mixed-Rand ConvNeXt run sits near a plateau at 400
-    steps: float-level changes to the model moved it between 0.44 and 0.65 m_rand.)
-    At 64 px the same ConvNeXt learns the shapes more slowly (Mixed-Rand training: 0.67 after
-    400 steps at lr 2e-3); the ViT needs its sine-cosine position start to learn them at all in
-    a few hundred steps (0.25 -> 0.50 at 400 steps).
+    and the shape later, as real classifiers do: `bgjax demo` measures it, and README.md's
+    "What the demo shows" has its results.
 
 Config keys (`config.data`), with defaults:
     name="synthetic", image_size=64 (16..224), num_classes=9 (2..9; 2 mirrors Waterbirds),

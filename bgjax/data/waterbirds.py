@@ -8,9 +8,10 @@ Two modes, chosen by the config:
   bird (> 0; img_filename is the CUB relative path) and the box CUB's annotation. Without it the
   mask is all ones, the box the whole image, `source.has_masks` is False and a warning is logged:
   fine for plain classification and worst-group accuracy, meaningless for early/late masking and
-  the IN-9 variants, which `bgjax train` / `bgjax eval` refuse then (`bgjax.run.require_masks`).
+  the IN-9 variants, which `bgjax train` / `bgjax eval` refuse then (`bgjax.tasks.require_masks`).
 * otherwise (`cub_root` and `places_root`): generated on the fly, deterministically from `seed`,
-  by the procedure of the standard generation script (REFERENCE.md §3):
+  by the procedure of the group DRO generation script (Sagawa et al., ICLR 2020,
+  github.com/kohpangwei/group_DRO `dataset_scripts/`; docs/reference.md#waterbirds):
     - a bird is a waterbird if its species name contains one of `WATERBIRD_NAMES`
       (case-insensitive substring; this keeps the standard's quirk that "Tern" also matches
       Eastern_Towhee, Western_Meadowlark and Western_Wood_Pewee; `whole_word_species=True`
@@ -163,7 +164,7 @@ class WaterbirdsRelease:
                 "Waterbirds release without cub_root: masks are all ones (source.has_masks=False)"
             )
         self.has_masks = self.cub is not None
-        # What `bgjax.run.require_masks` tells a run that needs masks this source lacks.
+        # What `bgjax.tasks.require_masks` tells a run that needs masks this source lacks.
         self.masks_hint = (
             None
             if self.has_masks

@@ -2,9 +2,10 @@
 
 Attribute names are timm's module names (`stem.0`, `stages.1.downsample.1`,
 `stages.2.blocks.3.mlp.fc1`, `head.fc`, ...), so `timm_io` converts weights mechanically. Images
-are NHWC. On top of timm's model: early / late background masking (Aniraj et al. 2023,
-REFERENCE.md §2), a CPU-friendly depthwise convolution, per-block rematerialisation, a compute
-dtype separate from the fp32 parameters, and FSDP partitioning metadata on kernels.
+are NHWC. On top of timm's model: early / late background masking (Aniraj et al., ICCVW
+2023), per-block rematerialisation, a compute dtype separate from the fp32 parameters, FSDP
+partitioning metadata on kernels, and the lowering of each op chosen once by `kernels`
+("auto" | "xla" | "cpu", see `cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -12,143 +13,45 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bgjax.models import layers
+from bgjax.data import IMAGENET_MEAN, IMAGENET_STD
+from bgjax.models import cpu_kernels, layers
 from bgjax.models import masking as masking_lib
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DW_IMPLS = ("auto", "shifted", "grouped")
-
-
-def _taps(x, kernel):
-    kh, kw = kernel.shape[:2]
-    h, w = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = jnp.zeros_like(x)
-    for i in range(kh):
-        for j in range(kw):
-            out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-    return out
-
-
-def _shift_multiply_add(x, kernel):
-    """Depthwise 'SAME' correlation as k*k shifted multiply-adds of a padded input, computed
-    once: XLA fuses elementwise chains into their consumers and recomputes them there, and on
-    CPU this one lands inside the next LayerNorm's YNNPACK reduction (materialising every
-    shifted input) or inside the FFT's layout transposes (k*k strided reads per element): 2-5x
-    slower (BENCHMARKS.md). A conditional is a boundary fusion does not cross; both branches
-    are the same function, so which one runs is irrelevant. (`lax.optimization_barrier` does
-    not help: XLA:CPU removes it before fusion.)"""
-    traced_true = kernel[0, 0, 0, 0] == kernel[0, 0, 0, 0]  # not a constant: the cond stays
-    return jax.lax.cond(traced_true, _taps, _taps, x, kernel)
-
-
-def _fft_size(n: int) -> int:
-    """The smallest even 2^a 3^b 5^c 7^d >= n: fast FFT lengths (measured: stage 4's 13 -> 14
-    runs its kernel gradient 2x faster than 15; 62 -> 64 and 34 -> 36 beat the odd 63 and 35)."""
-    while True:
-        m = n
-        for p in (2, 3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1 and n % 2 == 0:
-            return n
-        n += 1
-
-
-def _depthwise_kernel_grad(x, g, kh: int, kw: int):
-    """d(loss)/d(kernel) [kh, kw, 1, C] = sum over (b, h, w) of the padded input shifted by
-    (i, j) times the output gradient, for all 49 (i, j) at once: a cross-correlation computed
-    with FFTs (float32), zero-padded so the circular correlation does not wrap."""
-    h, w = x.shape[1:3]
-    lh, lw = _fft_size(h + kh - 1), _fft_size(w + kw - 1)
-    x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-    xp = jnp.pad(x, ((0, 0), (kh // 2, lh - h - kh // 2), (kw // 2, lw - w - kw // 2), (0, 0)))
-    gp = jnp.pad(g, ((0, 0), (0, lh - h), (0, lw - w), (0, 0)))
-    spectrum = jnp.fft.rfft2(xp, axes=(1, 2)) * jnp.conj(jnp.fft.rfft2(gp, axes=(1, 2)))
-    corr = jnp.fft.irfft2(spectrum.sum(axis=0), s=(lh, lw), axes=(0, 1))
-    return corr[:kh, :kw, None, :]
-
-
-@jax.custom_vjp
-def depthwise_shifted(x, kernel):
-    """Depthwise 'SAME' conv as k*k shifted multiply-adds of a padded input (odd k).
-
-    XLA's CPU lowering of grouped convolution is ~20x slower than this (REFERENCE.md §7);
-    accelerators have fast depthwise kernels and use `depthwise_grouped`. The backward pass
-    is written out: the input gradient is the same conv with the flipped kernel, and the
-    kernel gradient one FFT cross-correlation; autodiff of the 49 multiply-adds instead gives
-    49 separate reductions, 5x slower and 5x longer to compile (BENCHMARKS.md).
-    """
-    return _shift_multiply_add(x, kernel)
-
-
-def _depthwise_shifted_fwd(x, kernel):
-    return _shift_multiply_add(x, kernel), (x, kernel)
-
-
-def _depthwise_shifted_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _shift_multiply_add(g, kernel[::-1, ::-1])
-    dk = _depthwise_kernel_grad(x, g, *kernel.shape[:2]).astype(kernel.dtype)
-    return dx, dk
-
-
-depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
-
-
-def depthwise_grouped(x, kernel):
-    """Depthwise 'SAME' conv as one grouped convolution (fast on GPU/TPU)."""
-    kh, kw = kernel.shape[:2]
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(1, 1),
-        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
-    )
+from bgjax.models.cpu_kernels import Ops
 
 
 class DepthwiseConv(nnx.Module):
     """timm's `conv_dw`: k×k depthwise conv, stride 1, 'same' padding; kernel [k, k, 1, C]."""
 
-    def __init__(self, dim: int, kernel_size: int = 7, *, impl="auto", dtype=None, rngs):
-        if impl not in DW_IMPLS:
-            raise ValueError(f"unknown dw_impl {impl!r}; expected one of {DW_IMPLS}")
+    def __init__(self, dim: int, kernel_size: int = 7, *, ops: Ops, dtype=None, rngs):
         shape = (kernel_size, kernel_size, 1, dim)
         self.kernel = nnx.Param(
             layers.kernel_init((None, None, None, "fsdp"))(rngs.params(), shape)
         )
         self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-        self.impl = impl
+        self.ops = ops
         self.dtype = dtype
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
         x, kernel, bias = (a.astype(dtype) for a in (x, self.kernel[...], self.bias[...]))
-        impl = self.impl
-        if impl == "auto":
-            impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
-        fn = depthwise_shifted if impl == "shifted" else depthwise_grouped
-        return fn(x, kernel) + bias
+        return self.ops.depthwise_conv(x, kernel) + bias
 
 
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2; `conv=True` mirrors timm's conv_mlp (1×1 convs, same names)."""
 
-    def __init__(self, dim: int, hidden: int, *, conv: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, conv: bool, ops: Ops, dtype, rngs: nnx.Rngs):
         layer = functools.partial(layers.patchify_conv, size=1) if conv else layers.dense
-        self.fc1 = layer(dim, hidden, dtype=dtype, rngs=rngs)
-        self.fc2 = layer(hidden, dim, dtype=dtype, rngs=rngs, shard_in=True)
+        self.fc1 = layer(dim, hidden, dtype=dtype, rngs=rngs, ops=ops)
+        self.fc2 = layer(hidden, dim, dtype=dtype, rngs=rngs, ops=ops, shard_in=True)
+        self.ops = ops
 
     def __call__(self, x):
-        return self.fc2(layers.gelu_exact(self.fc1(x)))
+        return self.fc2(self.ops.gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
@@ -161,13 +64,13 @@ class Block(nnx.Module):
         conv_mlp: bool,
         ls_init_value: float | None,
         drop_path: float,
-        dw_impl: str,
+        ops: Ops,
         dtype,
         rngs: nnx.Rngs,
     ):
-        self.conv_dw = DepthwiseConv(dim, impl=dw_impl, dtype=dtype, rngs=rngs)
-        self.norm = layers.layer_norm(dim, dtype, rngs)
-        self.mlp = Mlp(dim, 4 * dim, conv=conv_mlp, dtype=dtype, rngs=rngs)
+        self.conv_dw = DepthwiseConv(dim, ops=ops, dtype=dtype, rngs=rngs)
+        self.norm = layers.layer_norm(dim, dtype, rngs, ops)
+        self.mlp = Mlp(dim, 4 * dim, conv=conv_mlp, ops=ops, dtype=dtype, rngs=rngs)
         self.gamma = (
             nnx.Param(jnp.full((dim,), ls_init_value, jnp.float32))
             if ls_init_value is not None
@@ -202,6 +105,7 @@ class Stage(nnx.Module):
         *,
         downsample: bool,
         remat: bool,
+        ops: Ops,
         dtype,
         rngs: nnx.Rngs,
         **block_kwargs,
@@ -209,8 +113,8 @@ class Stage(nnx.Module):
         self.downsample = (
             nnx.List(
                 [
-                    layers.layer_norm(cin, dtype, rngs),
-                    layers.patchify_conv(cin, cout, 2, dtype, rngs),
+                    layers.layer_norm(cin, dtype, rngs, ops),
+                    layers.patchify_conv(cin, cout, 2, dtype, rngs, ops),
                 ]
             )
             if downsample
@@ -218,7 +122,7 @@ class Stage(nnx.Module):
         )
         self.blocks = nnx.List(
             [
-                Block(cout, drop_path=rate, dtype=dtype, rngs=rngs, **block_kwargs)
+                Block(cout, drop_path=rate, ops=ops, dtype=dtype, rngs=rngs, **block_kwargs)
                 for rate in drop_path_rates
             ]
         )
@@ -240,8 +144,8 @@ class Head(nnx.Module):
     Computed in float32 whatever the backbone's dtype: it is tiny and the logits feed the loss.
     """
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float, *, rngs: nnx.Rngs):
-        self.norm = layers.layer_norm(dim, jnp.float32, rngs)
+    def __init__(self, dim: int, num_classes: int, drop_rate: float, *, ops: Ops, rngs: nnx.Rngs):
+        self.norm = layers.layer_norm(dim, jnp.float32, rngs, ops)
         self.drop = nnx.Dropout(drop_rate, rngs=rngs) if drop_rate > 0 else None
         init = nnx.initializers.truncated_normal(stddev=0.02)
         self.fc = nnx.Linear(dim, num_classes, kernel_init=init, rngs=rngs) if num_classes else None
@@ -273,6 +177,9 @@ class ConvNeXt(nnx.Module):
     after stage `late_stage` (3: third stage, the paper's default; 4: the last one); pooling is
     `late_pool` ("mean": over all positions, zeros included, as the paper; "masked_mean": over
     foreground positions only).
+
+    kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
+    resolved here, once; `dw_impl` ("shifted" | "grouped") overrides the depthwise conv's.
     """
 
     def __init__(
@@ -289,6 +196,7 @@ class ConvNeXt(nnx.Module):
         drop_path_rate: float = 0.0,
         dtype=jnp.float32,
         remat: bool = False,
+        kernels: str = "auto",
         dw_impl: str = "auto",
         masking: str = "none",
         early_fill: str = "black",
@@ -307,6 +215,7 @@ class ConvNeXt(nnx.Module):
         fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
         if fill.shape != (in_chans,):
             raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+        ops = cpu_kernels.ops(kernels, dw_impl=dw_impl)
 
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -315,20 +224,21 @@ class ConvNeXt(nnx.Module):
         self.early_fill_value = tuple(float(v) for v in fill)  # static: not a parameter
         self.late_stage = late_stage
         self.late_pool = late_pool
+        self.kernels = ops.name
 
         self.stem = nnx.List(
             [
-                layers.patchify_conv(in_chans, dims[0], 4, dtype, rngs),
-                layers.layer_norm(dims[0], dtype, rngs),
+                layers.patchify_conv(in_chans, dims[0], 4, dtype, rngs, ops),
+                layers.layer_norm(dims[0], dtype, rngs, ops),
             ]
         )
         stage_kwargs = dict(
             remat=remat,
+            ops=ops,
             dtype=dtype,
             rngs=rngs,
             conv_mlp=conv_mlp,
             ls_init_value=ls_init_value,
-            dw_impl=dw_impl,
         )
         rates = drop_path_rates(drop_path_rate, depths)
         cins = (dims[0], *dims[:-1])
@@ -338,7 +248,7 @@ class ConvNeXt(nnx.Module):
                 for i, (cin, cout, r) in enumerate(zip(cins, dims, rates))
             ]
         )
-        self.head = Head(dims[-1], num_classes, drop_rate, rngs=rngs)
+        self.head = Head(dims[-1], num_classes, drop_rate, ops=ops, rngs=rngs)
 
     def forward_intermediates(self, x, mask=None, *, train: bool = False) -> dict:
         """Feature maps after the stem and after each stage (`stages.i`, masked if late

@@ -1,4 +1,4 @@
-"""Early and late masking, shared by every model family (Aniraj et al. 2023; REFERENCE.md §2).
+"""Early and late masking, shared by every model family (Aniraj et al., ICCVW 2023).
 
 Early masking replaces background pixels before the network sees them; late masking multiplies a
 feature map (or patch-token grid) by the foreground mask, downsampled nearest-neighbour, so

@@ -1,4 +1,4 @@
-"""The binary foreground segmenter that supplies masks at test time (Aniraj et al. 2023, §2).
+"""The binary foreground segmenter that supplies masks at test time (Aniraj et al., ICCVW 2023).
 
 The masking paper predicts the object mask with a segmentation network (theirs: Mask2Former)
 instead of reading it from annotations; that is what makes early masking usable on real photos.
@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from bgjax import models
-from bgjax.models import timm_io
+from bgjax.models import cpu_kernels, timm_io
 from bgjax.models.convnext import ConvNeXt
 from bgjax.models.vit import VisionTransformer
 
@@ -119,6 +119,8 @@ class Segmenter(nnx.Module):
     encoder: a model name for `bgjax.models.create` (built headless, `encoder_overrides` go to
     it: depths/dims, img_size/patch_size, dtype, drop_path_rate, remat, ...), or an already
     built encoder module, e.g. `models.from_timm("convnext_tiny", "weights.safetensors")`.
+    kernels: the op lowerings of an encoder built by name (see `cpu_kernels`), resolved here,
+    once; the decoder uses the plain ops.
     """
 
     masking = "none"  # takes no mask: evaluation code passes none
@@ -131,8 +133,10 @@ class Segmenter(nnx.Module):
         decoder_dim: int = 64,
         refine_dim: int = 16,
         dtype=jnp.float32,
+        kernels: str = "auto",
         **encoder_overrides,
     ):
+        kernels = cpu_kernels.resolve(kernels)
         if isinstance(encoder, str):
             encoder_overrides.setdefault("masking", "none")
             if encoder_overrides["masking"] != "none":
@@ -140,7 +144,9 @@ class Segmenter(nnx.Module):
                     f"the segmenter's encoder takes no mask; got masking="
                     f"{encoder_overrides['masking']!r} (set config.model.masking='none')"
                 )
-            encoder = models.create(encoder, 0, rngs=rngs, dtype=dtype, **encoder_overrides)
+            encoder = models.create(
+                encoder, 0, rngs=rngs, dtype=dtype, kernels=kernels, **encoder_overrides
+            )
         elif encoder_overrides:
             raise ValueError(
                 f"overrides {sorted(encoder_overrides)} apply to an encoder built by name, not "

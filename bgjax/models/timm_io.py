@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bgjax.models import registry
+
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias")
 
 
@@ -146,9 +148,7 @@ def create_loaded(name: str, num_classes: int, load, **overrides) -> nnx.Module:
     call from which XLA drops every other initialiser: running all of them eagerly would cost one
     compile per parameter shape, only for the values to be overwritten.
     """
-    from bgjax import models
-
-    make = lambda: models.create(name, num_classes=num_classes, **overrides)
+    make = lambda: registry.create(name, num_classes=num_classes, **overrides)
     model = nnx.eval_shape(make)
     load(model)
     todo = [

@@ -3,9 +3,10 @@
 Attribute names are timm's module names (`cls_token`, `reg_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.3.attn.qkv`, `blocks.3.ls1.gamma`, `norm`, `head`), so `timm_io`
 converts weights mechanically. Images are NHWC. On top of timm's model: background masking
-(Aniraj et al. 2023, REFERENCE.md §2) and our attention masking, position-embedding resampling
-to any input size, per-block rematerialisation, a compute dtype separate from the fp32
-parameters, and FSDP partitioning metadata on kernels.
+(Aniraj et al., ICCVW 2023) and our attention masking, position-embedding resampling to any
+input size (`pos_embed`), per-block rematerialisation, a compute dtype separate from the fp32
+parameters, FSDP partitioning metadata on kernels, and the lowering of each op chosen once by
+`kernels` ("auto" | "xla" | "cpu", see `cpu_kernels`).
 
 Masking strategies (`masking=`):
   "early"  background pixels become `early_fill` before the patch embedding.
@@ -27,7 +28,6 @@ never drops foreground, so there a token is foreground if *any* of its pixels is
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -35,16 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bgjax.models import layers
+from bgjax.data import IMAGENET_MEAN, IMAGENET_STD
+from bgjax.models import cpu_kernels, layers
 from bgjax.models import masking as masking_lib
+from bgjax.models.cpu_kernels import Ops
+from bgjax.models.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASKING_STRATEGIES = (*masking_lib.MASKING_STRATEGIES, "attn")
 HEAD_POOLS = ("cls", "gap", "cls+gap")
-# jax.nn.dot_product_attention backends: None lets JAX choose (XLA today), "cudnn" is the fused
-# flash kernel on NVIDIA GPUs (bf16/fp16 only).
-ATTN_IMPLS = (None, "xla", "cudnn")
 # The paper's heads: linear on [CLS ‖ mean(patches)] for late masking; timm's CLS otherwise; for
 # "attn" the foreground mean is what makes the logits background-invariant by construction.
 # "trunc_normal" is timm's N(0, 0.02); "sincos2d" starts from the fixed 2-D sine-cosine table
@@ -52,99 +50,6 @@ ATTN_IMPLS = (None, "xla", "cudnn")
 # cues about twice as fast with it (bgjax demo), and the parameter tree is timm's either way.
 POS_EMBED_INITS = ("trunc_normal", "sincos2d")
 DEFAULT_HEAD_POOL = {"none": "cls", "early": "cls", "late": "cls+gap", "attn": "gap"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Position-embedding resampling (timm's `resample_abs_pos_embed`, as matrices).
-
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """Keys' cubic convolution kernel."""
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def bicubic_matrix(in_size: int, out_size: int, *, antialias: bool = False) -> np.ndarray:
-    """[out, in] weights reproducing torch's 1-D bicubic resize (align_corners=False).
-
-    antialias=False: `F.interpolate(mode="bicubic")`: a = -0.75, 4 taps, indices clamped.
-    antialias=True: torch's PIL-style filter: a = -0.5, support widened by the downscale
-    factor, weights renormalised over in-range taps.
-    """
-    scale = in_size / out_size
-    weights = np.zeros((out_size, in_size))
-    rows = np.arange(out_size)
-    if not antialias:
-        src = (rows + 0.5) * scale - 0.5
-        base = np.floor(src)
-        for tap in range(-1, 3):
-            idx = np.clip(base + tap, 0, in_size - 1).astype(int)
-            np.add.at(weights, (rows, idx), _cubic(src - (base + tap), -0.75))
-        return weights
-    support = 2.0 * max(scale, 1.0)
-    inv = 1.0 / max(scale, 1.0)
-    for i in rows:
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = _cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
-        weights[i, lo:hi] = taps / taps.sum()
-    return weights
-
-
-def resample_pos_embed(
-    pos_embed,
-    new_grid: Sequence[int],
-    old_grid: Sequence[int] | None = None,
-    num_prefix_tokens: int = 1,
-    *,
-    antialias: bool = False,
-):
-    """Bicubic resize of a [1, prefix + h*w, D] position embedding to `new_grid` (h', w').
-
-    Equal to timm's `resample_abs_pos_embed` with the same `antialias` (timm's own default
-    there is True); prefix rows (class/register slots) are kept as they are. `old_grid` None
-    means square. NumPy in, NumPy out (for converters); jax arrays stay jax (traceable).
-    """
-    num_pos = pos_embed.shape[1] - num_prefix_tokens
-    if old_grid is None:
-        side = math.isqrt(num_pos)
-        if side * side != num_pos:
-            raise ValueError(
-                f"pos_embed has {num_pos} grid rows (after {num_prefix_tokens} prefix), not a "
-                "square: pass old_grid"
-            )
-        old_grid = (side, side)
-    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
-    if old_grid[0] * old_grid[1] != num_pos:
-        raise ValueError(f"pos_embed has {num_pos} grid rows, old_grid {old_grid} needs more")
-    if old_grid == new_grid:
-        return pos_embed
-    xp = np if isinstance(pos_embed, np.ndarray) else jnp
-    rows = bicubic_matrix(old_grid[0], new_grid[0], antialias=antialias)
-    cols = bicubic_matrix(old_grid[1], new_grid[1], antialias=antialias)
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    grid = grid.reshape(1, *old_grid, -1).astype(xp.float32)
-    kw = {} if xp is np else {"precision": jax.lax.Precision.HIGHEST}
-    rows, cols = (xp.asarray(m, xp.float32) for m in (rows, cols))
-    grid = xp.einsum("hH,wW,bHWd->bhwd", rows, cols, grid, **kw)
-    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
-    return xp.concatenate([prefix, grid], axis=1)
-
-
-def sincos_2d_pos_embed(grid_size: Sequence[int], dim: int, temperature: float = 10_000.0):
-    """The 2-D sine-cosine position table, (h*w, dim) row-major over the grid: a quarter of the
-    channels each for sin/cos of x and of y, frequencies geometric in [1/temperature, 1]."""
-    if dim % 4:
-        raise ValueError(f"sincos2d position embedding needs embed_dim divisible by 4: {dim}")
-    h, w = grid_size
-    y, x = np.mgrid[:h, :w].astype(np.float64)
-    omega = 1.0 / temperature ** (np.arange(dim // 4) / max(dim // 4 - 1, 1))
-    ang_x, ang_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
-    table = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
-    return table.astype(np.float32)
 
 
 def fit_pos_embed(model: VisionTransformer, state_dict: dict, *, antialias: bool = False) -> dict:
@@ -186,9 +91,9 @@ def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "cen
 class PatchEmbed(nnx.Module):
     """Non-overlapping p×p/p convolution: (B, H, W, C) -> (B, H//p, W//p, D)."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, dtype, rngs):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, ops: Ops, dtype, rngs):
         self.proj = layers.patchify_conv(
-            in_chans, embed_dim, patch_size, dtype, rngs, init=nnx.initializers.lecun_normal()
+            in_chans, embed_dim, patch_size, dtype, rngs, ops, init=nnx.initializers.lecun_normal()
         )
 
     def __call__(self, x):
@@ -198,11 +103,11 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention; qkv output ordered [q|k|v] then heads, as timm."""
 
-    def __init__(self, dim: int, num_heads: int, *, implementation=None, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, ops: Ops, dtype, rngs: nnx.Rngs):
         self.num_heads = num_heads
-        self.implementation = implementation
-        self.qkv = layers.dense(dim, 3 * dim, dtype, rngs)
-        self.proj = layers.dense(dim, dim, dtype, rngs, shard_in=True)
+        self.ops = ops
+        self.qkv = layers.dense(dim, 3 * dim, dtype, rngs, ops)
+        self.proj = layers.dense(dim, dim, dtype, rngs, ops, shard_in=True)
 
     def __call__(self, x, key_mask=None):
         b, n, d = x.shape
@@ -210,84 +115,21 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # key_mask (B, S) bool: True = attendable; broadcast over heads and queries.
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        if self.implementation is None and jax.default_backend() == "cpu":
-            out = attention_heads_first(q, k, v, mask)
-        else:
-            out = jax.nn.dot_product_attention(  # scale head_dim**-0.5
-                q, k, v, mask=mask, implementation=self.implementation
-            )
+        out = self.ops.attention(q, k, v, mask=mask)  # scale head_dim**-0.5
         return self.proj(out.reshape(b, n, d))
-
-
-# On CPU, attention runs on this many batch slices: independent ops, which XLA:CPU runs
-# concurrently on its thread pool (YNNPACK runs each batched matmul on one thread), and each
-# slice's (heads, T, T) probabilities stay in cache. ViT-S/16 batch-16 CPU train step, A/B in
-# one process against the plain autodiff path: 4 slices 6% faster, 1 slice 1%, 8 slices 2%.
-ATTN_BATCH_SLICES = 4
-
-
-def attention_heads_first(q, k, v, mask=None, *, slices: int = ATTN_BATCH_SLICES):
-    """softmax(q k^T / sqrt(head_dim)) v for (B, T, heads, head_dim) inputs, computed with the
-    heads axis first (as timm does), logits and softmax in float32; `mask` (B, 1, 1, S) True =
-    attendable. On CPU faster forward + backward than the XLA path of
-    `jax.nn.dot_product_attention`, whose (B, T, N, H) layout costs transposes; the batch is
-    split into `slices` pieces, each with a hand-written gradient (`_attention_core`).
-    """
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    bounds = np.linspace(0, q.shape[0], min(slices, q.shape[0]) + 1).astype(int)
-    outs = [
-        _attention_core(q[a:b], k[a:b], v[a:b], None if mask is None else mask[a:b])
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-    return jnp.swapaxes(out, 1, 2)
-
-
-def _attention_probs(q, k, mask):
-    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1)
-
-
-@jax.custom_vjp
-def _attention_core(q, k, v, mask):
-    """softmax(q k^T) v on (B, heads, T, head_dim) inputs, q already scaled."""
-    return _attention_core_fwd(q, k, v, mask)[0]
-
-
-def _attention_core_fwd(q, k, v, mask):
-    probs = _attention_probs(q, k, mask)
-    out = jnp.einsum("bnqk,bnkh->bnqh", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_core_bwd(residuals, d_out):
-    # The softmax gradient from the saved probabilities and output in one pass,
-    # dS = P * (dP - rowsum(dO * O)), instead of autodiff's several passes over (B, N, T, T).
-    q, k, v, probs, out = residuals
-    d_v = jnp.einsum("bnqk,bnqh->bnkh", probs.astype(d_out.dtype), d_out)
-    d_probs = jnp.einsum("bnqh,bnkh->bnqk", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_logits = (probs * (d_probs - row)).astype(q.dtype)
-    d_q = jnp.einsum("bnqk,bnkh->bnqh", d_logits, k)
-    d_k = jnp.einsum("bnqk,bnqh->bnkh", d_logits, q)
-    return d_q, d_k, d_v.astype(v.dtype), None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Mlp(nnx.Module):
     """fc1 -> exact GELU -> fc2, or (`gated`, timm's SwiGLUPacked) fc1 -> SiLU(a) * b -> fc2."""
 
-    def __init__(self, dim: int, hidden: int, *, gated: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, gated: bool, ops: Ops, dtype, rngs: nnx.Rngs):
         if gated and hidden % 2:
             raise ValueError(f"a gated MLP needs an even hidden width, got {hidden}")
         self.gated = gated
-        self.fc1 = layers.dense(dim, hidden, dtype, rngs)
-        self.fc2 = layers.dense(hidden // 2 if gated else hidden, dim, dtype, rngs, shard_in=True)
+        self.ops = ops
+        self.fc1 = layers.dense(dim, hidden, dtype, rngs, ops)
+        fc2_in = hidden // 2 if gated else hidden
+        self.fc2 = layers.dense(fc2_in, dim, dtype, rngs, ops, shard_in=True)
 
     def __call__(self, x):
         x = self.fc1(x)
@@ -295,7 +137,7 @@ class Mlp(nnx.Module):
             a, b = jnp.split(x, 2, axis=-1)
             x = jax.nn.silu(a) * b
         else:
-            x = layers.gelu_exact(x)
+            x = self.ops.gelu(x)
         return self.fc2(x)
 
 
@@ -319,15 +161,15 @@ class Block(nnx.Module):
         gated_mlp: bool,
         init_values: float | None,
         drop_path: float,
-        attn_impl: str | None,
+        ops: Ops,
         dtype,
         rngs: nnx.Rngs,
     ):
-        self.norm1 = layers.layer_norm(dim, dtype, rngs)
-        self.attn = Attention(dim, num_heads, implementation=attn_impl, dtype=dtype, rngs=rngs)
+        self.norm1 = layers.layer_norm(dim, dtype, rngs, ops)
+        self.attn = Attention(dim, num_heads, ops=ops, dtype=dtype, rngs=rngs)
         self.ls1 = LayerScale(dim, init_values) if init_values else None
-        self.norm2 = layers.layer_norm(dim, dtype, rngs)
-        self.mlp = Mlp(dim, mlp_hidden, gated=gated_mlp, dtype=dtype, rngs=rngs)
+        self.norm2 = layers.layer_norm(dim, dtype, rngs, ops)
+        self.mlp = Mlp(dim, mlp_hidden, gated=gated_mlp, ops=ops, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(dim, init_values) if init_values else None
         # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1/(1-rate).
         self.drop_path = (
@@ -368,6 +210,10 @@ class VisionTransformer(nnx.Module):
     late masking, "gap" averages over all patch positions, zeros included (`late_pool="mean"`,
     the paper) or over foreground positions (`"masked_mean"`); with "attn" always over
     foreground. num_classes=0 gives no head: the pooled features are returned.
+
+    kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
+    resolved here, once; `attn_impl` ("xla" | "cudnn") makes attention
+    `jax.nn.dot_product_attention` with that implementation.
     """
 
     def __init__(
@@ -389,6 +235,7 @@ class VisionTransformer(nnx.Module):
         drop_path_rate: float = 0.0,
         dtype=jnp.float32,
         remat: bool = False,
+        kernels: str = "auto",
         attn_impl: str | None = None,
         pos_embed_antialias: bool = False,
         pos_embed_init: str = "trunc_normal",
@@ -412,8 +259,6 @@ class VisionTransformer(nnx.Module):
             raise ValueError(
                 f"unknown pos_embed_init {pos_embed_init!r}; expected one of {POS_EMBED_INITS}"
             )
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"unknown attn_impl {attn_impl!r}; expected one of {ATTN_IMPLS}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -423,6 +268,7 @@ class VisionTransformer(nnx.Module):
         fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
         if fill.shape != (in_chans,):
             raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+        ops = cpu_kernels.ops(kernels, attn_impl=attn_impl)
 
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -441,9 +287,12 @@ class VisionTransformer(nnx.Module):
         self.late_block = late_block
         self.late_pool = late_pool
         self.head_pool = head_pool
+        self.kernels = ops.name
 
         key = rngs.params
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(
+            patch_size, in_chans, embed_dim, ops=ops, dtype=dtype, rngs=rngs
+        )
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(key(), (1, 1, embed_dim)))
         self.reg_token = (
             nnx.Param(1e-6 * jax.random.normal(key(), (1, reg_tokens, embed_dim)))
@@ -468,7 +317,7 @@ class VisionTransformer(nnx.Module):
                     gated_mlp=gated_mlp,
                     init_values=init_values,
                     drop_path=rate,
-                    attn_impl=attn_impl,
+                    ops=ops,
                     dtype=dtype,
                     rngs=rngs,
                 )
@@ -476,11 +325,11 @@ class VisionTransformer(nnx.Module):
             ]
         )
         self.late_norm = (
-            layers.layer_norm(embed_dim, dtype, rngs)
+            layers.layer_norm(embed_dim, dtype, rngs, ops)
             if masking == "late" and late_block < -1
             else None
         )
-        self.norm = layers.layer_norm(embed_dim, dtype, rngs)
+        self.norm = layers.layer_norm(embed_dim, dtype, rngs, ops)
         head_in = 2 * embed_dim if head_pool == "cls+gap" else embed_dim
         self.head = (
             nnx.Linear(head_in, num_classes, kernel_init=trunc, rngs=rngs) if num_classes else None

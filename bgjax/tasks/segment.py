@@ -1,4 +1,4 @@
-"""Segmentation: the binary foreground segmenter (`configs/segmenter.py`), whose workdir then
+"""Segmentation: the binary foreground segmenter (`bgjax/configs/segmenter.py`), whose workdir then
 serves as another run's `config.mask_source` (predicted masks, as in Aniraj et al., ICCVW 2023).
 
 Training: BCE (+ Dice) against the (B, H, W) foreground masks, which are the targets (no label

@@ -1,13 +1,14 @@
-r"""The masking paper's scaling grid (Aniraj et al. 2023, REFERENCE.md §2): train on CUB, test on
-CUB (all IN-9 variants) and on Waterbirds (the same 200 species, backgrounds swapped).
+r"""The masking paper's scaling grid (Aniraj et al., ICCVW 2023): train on CUB, test on CUB
+(all IN-9 variants) and on Waterbirds (the same 200 species, backgrounds swapped); the paper's
+setup and recipes: docs/reference.md#masking-strategies.
 
-    bgjax sweep --config configs/sweeps/masking_scaling.py:cub_root=/data/CUB_200_2011,\
+    bgjax sweep --config sweeps/masking_scaling.py:cub_root=/data/CUB_200_2011,\
 waterbirds_root=/data/waterbird_complete95_forest2water2,weights=/data/timm \
         --workdir /shared/runs/masking_scaling --launch print --cluster slurm > jobs.sh
     bgjax aggregate /shared/runs/masking_scaling
 
 Grid: ConvNeXt T/S/B/L and ViT S/B/L (DINOv2, patch 14, 518 px) x none / early / late masking
-x `seeds` seeds, 21 runs per seed, each with the recipe of configs/cub.py for `mode`
+x `seeds` seeds, 21 runs per seed, each with the recipe of cub.py for `mode`
 (finetune | frozen). Ground-truth CUB masks (the paper's segmenter: set config.mask_source).
 weights: a folder of timm-format `<model name>.safetensors` (from `bgjax convert`) to start
 from, as the paper does ("" = random init). Waterbirds is read from its release with the CUB
@@ -21,7 +22,7 @@ import ml_collections
 
 from bgjax import config_utils
 
-# (point name, configs/cub.py arguments, timm model name): ConvNeXt-T is not one of cub.py's
+# (point name, cub.py arguments, timm model name): ConvNeXt-T is not one of cub.py's
 # sizes, so it is ConvNeXt-S's recipe with the tiny model.
 MODELS = (
     ("convnext_t", dict(arch="convnext", size="small"), "convnext_tiny"),
@@ -54,7 +55,7 @@ def get_config(arg=None):
     )
     config_utils.choice("mode", arg.mode, ("finetune", "frozen"))
     c = ml_collections.ConfigDict()
-    c.base = "configs/cub.py"
+    c.base = "cub.py"
     c.base_arg = f"mode={arg.mode}"
     c.overrides = ml_collections.ConfigDict()
     c.overrides.data = dict(root=arg.cub_root)

@@ -1,7 +1,7 @@
 """A seconds-long sweep on the synthetic dataset, for tests and for trying the sweep tools:
 two tiny ViT widths x {no masking, early masking}, 6 steps each, 32 px.
 
-    bgjax sweep --config configs/sweeps/synthetic_tiny.py --workdir runs/tiny
+    bgjax sweep --config sweeps/synthetic_tiny.py --workdir runs/tiny
     bgjax aggregate runs/tiny
 """
 
@@ -9,14 +9,14 @@ import ml_collections
 
 from bgjax import config_utils
 
-# Both sizes keep configs/synthetic.py's tiny ViT (32 px, patch 8, one block) and change the width.
+# Both sizes keep synthetic.py's tiny ViT (32 px, patch 8, one block) and change the width.
 WIDTHS = (16, 32)
 
 
 def get_config(arg=None):
     arg = config_utils.parse_arg(arg, seeds=1, eval_size=64)
     c = ml_collections.ConfigDict()
-    c.base = "configs/synthetic.py"
+    c.base = "synthetic.py"
     c.base_arg = "arch=vit,size=tiny"
     c.overrides = ml_collections.ConfigDict()
     c.overrides.eval = dict(every_steps=0)  # `bgjax aggregate` evaluates

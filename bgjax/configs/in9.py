@@ -1,7 +1,7 @@
 """Train on ImageNet-9 / IN-9L, or on any of its background variants ("Noise or Signal").
 
     bgjax prepare in9l ...            # once: GrabCut masks + crops as a TFDS dataset
-    bgjax train --config configs/in9.py:variant=mixed_rand --workdir runs/in9_mixed_rand \
+    bgjax train --config in9.py:variant=mixed_rand --workdir runs/in9_mixed_rand \
         --config.data.data_dir=/data/tfds --config.eval.data.root=/data/bg_challenge
 
 arch:     convnext | vit       (ResNet-50 is not in the zoo; ConvNeXt-T / ViT-S/16 stand in)
@@ -20,7 +20,7 @@ the number of images `bgjax prepare` kept).
 
 from bgjax import config_utils, variants
 
-# IN-9 normalisation (REFERENCE.md §1) comes with the source's DatasetInfo.
+# IN-9 normalisation (docs/reference.md#in9-normalisation) comes with the source's DatasetInfo.
 _MODELS = {
     ("convnext", "small"): dict(name="convnext_tiny", drop_path_rate=0.1),
     ("convnext", "base"): dict(name="convnext_small", drop_path_rate=0.2),

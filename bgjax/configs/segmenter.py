@@ -1,15 +1,16 @@
 """The binary foreground segmenter whose masks drive predicted-mask early / late masking.
 
-    bgjax train --config configs/segmenter.py --workdir runs/seg
-    bgjax train --config configs/segmenter.py:dataset=cub,arch=convnext,size=tiny \
+    bgjax train --config segmenter.py --workdir runs/seg
+    bgjax train --config segmenter.py:dataset=cub,arch=convnext,size=tiny \
         --config.data.root=/data/CUB_200_2011 --config.model.init=convnext_tiny.safetensors \
         --workdir runs/seg_cub
     # then a classifier at the same image size uses its masks:
-    bgjax train --config configs/synthetic.py:strategy=early --config.mask_source=runs/seg ...
+    bgjax train --config synthetic.py:strategy=early --config.mask_source=runs/seg ...
 
-dataset: synthetic (default) | cub (segmentations binarised at > 0, REFERENCE.md §2) | in9 (trains
-         on the IN-9 subset of `bgjax prepare in9l`'s GrabCut masks, evaluates on the released
-         IN-9 masks; set data.data_dir and eval.data.root)
+dataset: synthetic (default) | cub (segmentations binarised at > 0, as for the masking paper's
+         segmenter, docs/reference.md#masking-strategies) | in9 (trains on the IN-9 subset of
+         `bgjax prepare in9l`'s GrabCut masks, evaluates on the released IN-9 masks; set
+         data.data_dir and eval.data.root)
 arch:    convnext | vit (the encoder family; the decoder is `bgjax.models.segmenter.Decoder`)
 size:    synthetic: tiny (tests: 32 px, ~150 steps) | small (64 px, default) | base.
          cub / in9 (224 px): tiny | small | base | large, the timm model of that size.

@@ -1,4 +1,5 @@
-"""`import_timm()`: import timm with the CPU PyTorch wheel this project pins.
+"""`import_timm()`: import timm with the CPU PyTorch wheel this project pins (tests and
+benchmarks only; the package never imports torch).
 
 The registry's only torchvision 0.28.0 wheel is a CUDA build; against CPU torch its compiled op
 library does not load and `import torchvision` fails registering fake kernels for ops that do not

@@ -1,7 +1,7 @@
 """The built-in synthetic dataset (shapes on habitat textures), sized for a 2-core CPU.
 
-    bgjax train --config configs/synthetic.py --workdir runs/syn
-    bgjax train --config configs/synthetic.py:arch=vit,strategy=late,size=tiny --workdir runs/t
+    bgjax train --config synthetic.py --workdir runs/syn
+    bgjax train --config synthetic.py:arch=vit,strategy=late,size=tiny --workdir runs/t
 
 arch:      convnext | vit
 strategy:  none (baseline) | early | late (masking with ground-truth masks) | mixed_rand

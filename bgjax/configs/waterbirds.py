@@ -1,6 +1,6 @@
 """Waterbirds (Sagawa et al.): train on its spurious 95%-correlated split, track worst groups.
 
-    bgjax train --config configs/waterbirds.py:arch=convnext,strategy=early \
+    bgjax train --config waterbirds.py:arch=convnext,strategy=early \
         --workdir runs/wb_early --config.data.root=/data/waterbird_complete95_forest2water2
 
 Data: the released folder (`data.root`, metadata.csv) or made on the fly from CUB + Places

@@ -1,7 +1,8 @@
-"""CUB-200-2011, the masking paper's recipes (Aniraj et al. 2023; REFERENCE.md §2).
+"""CUB-200-2011, the masking paper's recipes (Aniraj et al., "Masking Strategies for Background
+Bias Removal in Computer Vision Models", ICCVW 2023; docs/reference.md#masking-strategies).
 
     bgjax convert vit_base_patch14_dinov2 ...     # timm weights -> .safetensors, once
-    bgjax train --config configs/cub.py:arch=vit,size=base,strategy=early,mode=frozen \
+    bgjax train --config cub.py:arch=vit,size=base,strategy=early,mode=frozen \
         --workdir runs/cub_vitb_early_frozen --config.data.root=/data/CUB_200_2011 \
         --config.model.init=weights/vit_base_patch14_dinov2.safetensors
 

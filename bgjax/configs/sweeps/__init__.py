@@ -1,0 +1,1 @@
+"""Sweep configs for `bgjax sweep --config sweeps/<name>.py`."""
