@@ -168,13 +168,19 @@ def run_dirs(root: str | os.PathLike) -> list[epath.Path]:
     return sorted(p for p in root.iterdir() if workdir_lib.is_run(p))
 
 
-def load_evals(root: str | os.PathLike) -> list[EvalSpec] | None:
-    """The sweep's eval specs from ROOT/sweep.json, or None when it names none."""
+def load_evals(root: str | os.PathLike) -> dict[str, list[EvalSpec] | None]:
+    """{run name: its eval specs} from ROOT/sweep.json (None: the default evaluation; []: not
+    evaluated, e.g. a segmenter stage's run); {} when there is no manifest."""
     manifest = epath.Path(root) / "sweep.json"
     if not manifest.exists():
-        return None
-    specs = json.loads(manifest.read_text())["sweep"].get("evals")
-    return [EvalSpec.parse(s) for s in specs] if specs else None
+        return {}
+    manifest = json.loads(manifest.read_text())
+    default = manifest["sweep"].get("evals")
+    by_run = {}
+    for run in manifest["runs"]:
+        specs = run.get("evals", default)
+        by_run[run["name"]] = None if specs is None else [EvalSpec.parse(s) for s in specs]
+    return by_run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,15 +202,19 @@ def collect(
     """One row per finished run: its description and {eval name: metrics}."""
     import tqdm
 
-    evals = load_evals(root) if evals is None else evals
+    by_run = load_evals(root)
     rows = []
     for workdir in tqdm.tqdm(run_dirs(root), desc="aggregate", unit="run", disable=not progress):
+        specs = evals if evals is not None else by_run.get(workdir.name)
+        if specs == []:
+            logging.info("aggregate: %s has no evaluations in sweep.json, left out", workdir)
+            continue
         row = describe_run(workdir)
         step = workdir_lib.latest_step(workdir)
         if step is None or step < row["total_steps"]:
             logging.warning("aggregate: %s is unfinished (step %s), left out", workdir, step)
             continue
-        specs = evals or default_evals(workdir_lib.read_config(workdir))
+        specs = specs or default_evals(workdir_lib.read_config(workdir))
         results = evaluate_run(workdir, specs, step=step)
         row["step"] = step
         row["metrics"] = {name: metrics_of(r) for name, r in results.items()}

@@ -136,7 +136,7 @@ def command_help(name: str) -> str:
     return "\n".join(lines)
 
 
-def run(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) > 2 and argv[1] == "help":  # `bgjax help train` = `bgjax train --help`
         argv = [argv[0], argv[2], "--help"]
@@ -158,4 +158,4 @@ def run(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run()
+    main()

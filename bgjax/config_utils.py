@@ -287,6 +287,41 @@ def override_flag_values(fv: flags.FlagValues = flags.FLAGS) -> dict[str, str]:
     }
 
 
+def config_spec(argv: Sequence[str]) -> str | None:
+    """The value of `--config` in a command line, or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_override_keys(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """ValueError naming the first `--config.<key>` whose key the config does not have."""
+    for arg in argv:
+        prefix = next((p for p in ("--config.", "--noconfig.") if arg.startswith(p)), None)
+        if prefix is None:
+            continue
+        path = arg[len(prefix) :].split("=", 1)[0]
+        node: Any = config
+        for i, part in enumerate(path.split(".")):
+            where = "config" + "".join(f".{p}" for p in path.split(".")[:i])
+            if node is None:
+                raise ValueError(
+                    f"unknown config key '{path}' ({arg}): {where} is None in the config file; "
+                    "give it a value there first"
+                )
+            if not isinstance(node, ml_collections.ConfigDict):
+                break  # an index into a list/tuple: config_flags checks it
+            if part not in node:
+                raise ValueError(
+                    f"unknown config key '{path}' ({arg}): {where} has no key '{part}'; "
+                    f"its keys are: {', '.join(sorted(node.keys()))}"
+                )
+            node = node[part]
+
+
 def parse_flags_with_overrides(argv: Sequence[str]) -> list[str]:
     """A command's `flags_parser` (see bgjax.cli): absl's, after `define_override_flags`."""
     from absl import app

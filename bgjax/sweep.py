@@ -17,10 +17,18 @@ A sweep config's `get_config(arg)` returns:
     evals      what `bgjax aggregate` evaluates: [{"name", "split", "variants", "data"}], where
                `data` updates config.data for that evaluation (e.g. another dataset).
 
-Run `ROOT/<name>/` is named by its points ("convnext_t-early-seed0"). Overridden keys must
-exist in the base config, so that every run can also be written as a `bgjax train` command.
-A run is finished when its checkpoint at `total_steps` exists; `local` skips finished runs and
-resumes unfinished ones through the trainer's own restore. ROOT/sweep.json records the grid.
+or, when some runs need others finished first (a segmenter whose masks later runs use),
+
+    stages     [stage, ...], each with the keys above (`evals` defaulting to the sweep's), run
+               in order; a stage of one run may give `name` instead of `axes`.
+
+A string value may contain "{root}", the sweep's root folder ("{root}/segmenter": a run of an
+earlier stage). Run `ROOT/<name>/` is named by its points ("convnext_t-early-seed0"). Overridden
+keys must exist in the base config, so that every run can also be written as a `bgjax train`
+command. A run is finished when its checkpoint at `total_steps` exists; `local` skips finished
+runs, resumes unfinished ones through the trainer's own restore, and stops at a preemption
+(SIGTERM: that run's checkpoint is saved; the same command resumes). ROOT/sweep.json records the
+grid.
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ import itertools
 import json
 import os
 import re
+import resource
 import shlex
+import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,14 +65,16 @@ _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.=+-]+")
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """One point of the grid: the base config file + its argument + config key overrides."""
+class Job:
+    """One training run of the sweep: the base config file + its argument + key overrides."""
 
-    name: str
+    name: str  # its folder under the sweep root
     base: str  # config file (path or packaged name), as the sweep config wrote it
     arg: str  # "k=v,..." for the base config's get_config
     overrides: tuple[tuple[str, Any], ...]  # (dotted key, value), in grid order
     points: tuple[tuple[str, str], ...]  # (axis, point name)
+    stage: int = 0  # jobs of a stage start once the earlier stages' jobs finished
+    evals: tuple[Mapping[str, Any], ...] | None = None  # `bgjax aggregate`'s; None: default
 
     def config(self) -> ml_collections.ConfigDict:
         config = config_utils.load_config(f"{self.base}:{self.arg}")
@@ -96,21 +109,51 @@ def _point(axis: str, value: Any) -> tuple[str, dict[str, Any]]:
     return _NAME_CHARS.sub("_", str(name)), settings
 
 
-def expand(sweep: ml_collections.ConfigDict) -> list[Run]:
-    """The runs of a sweep config, in grid order (the last axis varies fastest)."""
-    for key in ("base", "axes"):
-        if key not in sweep:
-            raise ValueError(f"sweep config has no {key!r}; it needs base and axes")
-    axes = [(axis, [_point(axis, v) for v in values]) for axis, values in sweep.axes]
+def _with_root(value: Any, root: str | None, key: str) -> Any:
+    if not isinstance(value, str) or "{root}" not in value:
+        return value
+    if root is None:
+        raise ValueError(f"sweep key {key!r} = {value!r} needs the sweep root (--workdir)")
+    return value.replace("{root}", os.fspath(root))
+
+
+STAGE_KEYS = {"name", "base", "base_arg", "overrides", "axes", "evals"}
+
+
+def expand(sweep: ml_collections.ConfigDict, root: str | None = None) -> list[Job]:
+    """The jobs of a sweep config, stage by stage, each stage in grid order (the last axis
+    varies fastest); "{root}" in a value becomes `root`."""
+    stages = sweep.get("stages")
+    if stages is None:
+        return _expand_stage(sweep, 0, sweep.get("evals"), root)
+    jobs: list[Job] = []
+    for index, stage in enumerate(stages):
+        unknown = set(stage.keys()) - STAGE_KEYS
+        if unknown:
+            raise ValueError(f"sweep stage {index}: unknown keys {sorted(unknown)}")
+        jobs += _expand_stage(stage, index, stage.get("evals", sweep.get("evals")), root)
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep stages name the same run twice: {names}")
+    return jobs
+
+
+def _expand_stage(stage: Mapping[str, Any], index: int, evals, root) -> list[Job]:
+    if "base" not in stage or not ("axes" in stage or "name" in stage):
+        raise ValueError(
+            f"sweep config (stage {index}) needs base and axes (or name, for a single run)"
+        )
+    axes = [(axis, [_point(axis, v) for v in values]) for axis, values in stage.get("axes", [])]
     for axis, points in axes:
         if not points:
             raise ValueError(f"sweep axis {axis!r} has no points")
         names = [n for n, _ in points]
         if len(set(names)) != len(names):
             raise ValueError(f"sweep axis {axis!r} has points with equal names: {names}")
-    base_arg = _parse_arg_text(sweep.get("base_arg") or "")
-    fixed = config_utils.flatten(sweep.get("overrides") or {})
-    runs = []
+    base_arg = _parse_arg_text(stage.get("base_arg") or "")
+    fixed = config_utils.flatten(stage.get("overrides") or {})
+    evals = None if evals is None else tuple(dict(e) for e in evals)
+    jobs = []
     for combo in itertools.product(*(points for _, points in axes)):
         arg, overrides = dict(base_arg), dict(fixed)
         for _, settings in combo:
@@ -119,16 +162,19 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Run]:
                     arg[key[len(ARG_PREFIX) :]] = value
                 else:
                     overrides[key] = value
-        runs.append(
-            Run(
-                name="-".join(name for name, _ in combo),
-                base=sweep.base,
+        overrides = {k: _with_root(v, root, k) for k, v in overrides.items()}
+        jobs.append(
+            Job(
+                name="-".join(name for name, _ in combo) or _NAME_CHARS.sub("_", stage["name"]),
+                base=stage["base"],
                 arg=",".join(f"{k}={v}" for k, v in arg.items()),
                 overrides=tuple(overrides.items()),
                 points=tuple((axis, name) for (axis, _), (name, _) in zip(axes, combo)),
+                stage=index,
+                evals=evals,
             )
         )
-    return runs
+    return jobs
 
 
 def _parse_arg_text(text: str) -> dict[str, str]:
@@ -145,19 +191,20 @@ def _parse_arg_text(text: str) -> dict[str, str]:
 # The manifest
 
 
-def write_manifest(root: str, sweep: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
-    """ROOT/sweep.json: the sweep config and its runs, read by `bgjax aggregate`."""
+def write_manifest(root: str, sweep: ml_collections.ConfigDict, jobs: Sequence[Job]) -> str:
+    """ROOT/sweep.json: the sweep config and its runs (with their evals), read by `bgjax
+    aggregate`."""
     path = epath.Path(root) / "sweep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = dict(
         sweep=json.loads(sweep.to_json_best_effort()),
         runs=[
-            dict(name=r.name, base=r.base, arg=r.arg, overrides=dict(r.overrides),
-                 points=dict(r.points))
-            for r in runs
+            dict(name=j.name, base=j.base, arg=j.arg, overrides=dict(j.overrides),
+                 points=dict(j.points), stage=j.stage, evals=j.evals)
+            for j in jobs
         ],
     )  # fmt: skip
-    path.write_text(json.dumps(manifest, indent=2))
+    path.write_text(json.dumps(manifest, indent=2, default=str))
     return os.fspath(path)
 
 
@@ -165,47 +212,72 @@ def write_manifest(root: str, sweep: ml_collections.ConfigDict, runs: Sequence[R
 # Launchers
 
 
-def run_local(root: str, runs: Sequence[Run], *, progress: bool = True) -> dict[str, str]:
-    """Train the runs one after another in this process: {name: "skipped" | "trained"}."""
+class Interrupted(Exception):
+    """SIGTERM / preemption arrived during a run: its checkpoint is saved. The sweep stops
+    (rather than start the next run) so that the same command resumes it."""
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_local(root: str, jobs: Sequence[Job], *, progress: bool = True) -> dict[str, dict]:
+    """Train the jobs one after another in this process, in stage order:
+    {name: {"trained": bool, "wall_s", "cpu_s"}}. Raises `Interrupted` at a preemption."""
     import tqdm
 
-    status = {}
-    bar = tqdm.tqdm(runs, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
-    for run in bar:
-        bar.set_postfix_str(run.name)
-        workdir = os.path.join(root, run.name)
-        config = run.config()
+    done = {}
+    bar = tqdm.tqdm(jobs, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        workdir = os.path.join(root, job.name)
+        config = job.config()
         workdir_lib.check_same_config(workdir, config)
-        if workdir_lib.is_finished(workdir, config.total_steps):
-            logging.info("sweep: %s is finished, skipping", run.name)
-            status[run.name] = "skipped"
-            continue
-        config.progress_bar = progress and config.get("progress_bar", True)
-        train_lib.train(config, workdir)
-        status[run.name] = "trained"
+        trained = not workdir_lib.is_finished(workdir, config.total_steps)
+        if trained:
+            config.progress_bar = progress and config.get("progress_bar", True)
+            if train_lib.train(config, workdir)["preempted"]:
+                raise Interrupted(f"interrupted during {workdir}; its checkpoint is saved")
+        else:
+            logging.info("sweep: %s is finished, skipping", job.name)
+        done[job.name] = dict(
+            trained=trained, wall_s=time.perf_counter() - wall, cpu_s=cpu_seconds() - cpu
+        )
     bar.close()
-    return status
+    return done
 
 
 def launch_commands(
-    root: str, runs: Sequence[Run], cluster: str, tpu: Sequence[str] = ("bgjax", "", "")
+    root: str, jobs: Sequence[Job], cluster: str, tpu: Sequence[str] = ("bgjax", "", "")
 ) -> list[str]:
-    """One shell command per run for a Slurm cluster or a TPU pod (the `launch/` scripts).
+    """One shell command per job for a Slurm cluster or a TPU pod (the `launch/` scripts).
 
-    `tpu` = (pod name, zone, accelerator type) for `launch/tpu_pod.sh`; the commands share the
-    pod, so a script of them trains the runs one after another (it keeps the pod)."""
+    Slurm: with several stages, a later stage's jobs wait for every earlier job
+    (`--dependency=afterok`, the ids collected in $BGJAX_STAGE_JOBS). `tpu` = (pod name, zone,
+    accelerator type) for `launch/tpu_pod.sh`; the commands share the pod, so a script of them
+    trains the jobs one after another, stages in order."""
     if cluster not in CLUSTERS:
         raise ValueError(f"unknown cluster {cluster!r}; expected one of {CLUSTERS}")
+    if cluster == "tpu" and not all(tpu):
+        raise ValueError(f"--cluster tpu needs --tpu_name, --tpu_zone, --tpu_type: {tpu}")
+    staged = len({j.stage for j in jobs}) > 1
+    last_stage = max((j.stage for j in jobs), default=0)
     commands = []
-    for run in runs:
-        args = " ".join(shlex.quote(a) for a in run.train_args(root))
-        if cluster == "slurm":
-            commands.append(f"sbatch --job-name={shlex.quote(run.name)} launch/slurm.sbatch {args}")
-        else:
-            if not all(tpu):
-                raise ValueError(f"--cluster tpu needs --tpu_name, --tpu_zone, --tpu_type: {tpu}")
+    for job in jobs:
+        args = " ".join(shlex.quote(a) for a in job.train_args(root))
+        if cluster == "tpu":
             pod = " ".join(shlex.quote(t) for t in tpu)
             commands.append(f"launch/tpu_pod.sh {pod} -- {args}")
+            continue
+        sbatch = f"sbatch --job-name={shlex.quote(job.name)}"
+        if staged and job.stage > 0:
+            sbatch += " --dependency=afterok$BGJAX_STAGE_JOBS"
+        command = f"{sbatch} launch/slurm.sbatch {args}"
+        if staged and job.stage < last_stage:  # later stages wait for it
+            command = f'BGJAX_STAGE_JOBS+=":$({sbatch} --parsable launch/slurm.sbatch {args})"'
+        commands.append(command)
     return commands
 
 
@@ -229,15 +301,19 @@ def main(argv: Sequence[str]) -> None:
     if _LAUNCH.value not in LAUNCH_MODES:
         raise app.UsageError(f"--launch must be one of {LAUNCH_MODES}, got {_LAUNCH.value!r}")
     try:
-        runs = expand(_CONFIG.value)
-        write_manifest(_WORKDIR.value, _CONFIG.value, runs)  # for `bgjax aggregate`
+        jobs = expand(_CONFIG.value, root=_WORKDIR.value)
+        write_manifest(_WORKDIR.value, _CONFIG.value, jobs)  # for `bgjax aggregate`
         if _LAUNCH.value == "print":
             tpu = (_TPU_NAME.value, _TPU_ZONE.value, _TPU_TYPE.value)
-            print("\n".join(launch_commands(_WORKDIR.value, runs, _CLUSTER.value, tpu)))
+            print("\n".join(launch_commands(_WORKDIR.value, jobs, _CLUSTER.value, tpu)))
             return
-        status = run_local(_WORKDIR.value, runs)
+        done = run_local(_WORKDIR.value, jobs)
+    except Interrupted as e:
+        print(f"bgjax sweep: {e}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (FileNotFoundError, ValueError) as e:
         print(f"bgjax sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
-    for name, state in status.items():
-        print(f"{state:8s} {name}")
+    for name, d in done.items():
+        state = "trained" if d["trained"] else "skipped"
+        print(f"{state:8s} {name}  ({d['wall_s']:.0f} s)")

@@ -33,7 +33,7 @@ _ALL_HELPS = textwrap.dedent("""
             text = io.StringIO()
             with contextlib.redirect_stdout(text):
                 try:
-                    cli.run(["bgjax", name, flag])
+                    cli.main(["bgjax", name, flag])
                     code = None
                 except SystemExit as e:
                     code = e.code

@@ -9,7 +9,13 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from bgjax import config_utils, models, optim, tasks, train
+from bgjax import (
+    config_utils,
+    models,
+    optim,
+    tasks,
+    train,  # noqa: F401  (defines `bgjax train`'s --config flag)
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = config_utils.CONFIGS_DIR
@@ -84,11 +90,13 @@ def test_bad_config_args(spec, message):
 
 def test_override_key_check():
     config = config_utils.load_config(f"{CONFIGS / 'synthetic.py'}:size=tiny")
-    train.check_override_keys(config, ["--config.optimizer.lr=0.1", "--noconfig.progress_bar"])
+    config_utils.check_override_keys(
+        config, ["--config.optimizer.lr=0.1", "--noconfig.progress_bar"]
+    )
     with pytest.raises(ValueError, match=r"'optimizer.lrr'.*config.optimizer has no key 'lrr'"):
-        train.check_override_keys(config, ["--config.optimizer.lrr=0.1"])
+        config_utils.check_override_keys(config, ["--config.optimizer.lrr=0.1"])
     with pytest.raises(ValueError, match="config.augment is None"):
-        train.check_override_keys(config, ["--config.augment.flip=True"])
+        config_utils.check_override_keys(config, ["--config.augment.flip=True"])
 
 
 def test_unknown_override_key_is_a_clear_command_line_error(tmp_path):

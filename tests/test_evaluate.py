@@ -370,7 +370,7 @@ def test_eval_adversarial_saliency_compare_on_a_trained_workdir(trained_workdir)
     assert saved["buckets"] is not None and saved["mask_source"] == "gt"
     assert (workdir / "eval" / "step_2" / "variants.png").exists()
 
-    report = adversarial.run(
+    report = adversarial.analyze(
         workdir, 1, max_backgrounds=6, max_foregrounds=10, split="val", batch_size=8,
         overrides=overrides,
     )  # fmt: skip
@@ -378,7 +378,7 @@ def test_eval_adversarial_saliency_compare_on_a_trained_workdir(trained_workdir)
     assert report["forward_passes"] <= 60
     assert json.loads((workdir / "eval" / "step_1" / "adversarial.json").read_text())["step"] == 1
 
-    report = saliency.run(workdir, n=6, split="val", batch_size=4, overrides=overrides)
+    report = saliency.analyze(workdir, n=6, split="val", batch_size=4, overrides=overrides)
     assert report["num_images"] == 6 and set(report["methods"]) == set(saliency.METHODS)
     assert (workdir / "eval" / "step_2" / "saliency.png").exists()
 

@@ -37,6 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.checkpoint",
         "bgjax.optim",
         "bgjax.metrics",
+        "bgjax.findings",
         "bgjax.plots",
         "bgjax.config_utils",
         "bgjax.clflags",

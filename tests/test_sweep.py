@@ -73,8 +73,9 @@ def test_expand_dict_points_and_errors():
 
 def test_local_launch_trains_then_skips(swept):
     root, runs, first, second = swept
-    assert first == {r.name: "trained" for r in runs}
-    assert second == {r.name: "skipped" for r in runs}
+    assert {name: d["trained"] for name, d in first.items()} == {r.name: True for r in runs}
+    assert {name: d["trained"] for name, d in second.items()} == {r.name: False for r in runs}
+    assert all(d["wall_s"] > 0 and d["cpu_s"] > 0 for d in first.values())
     for run in runs:
         assert workdir_lib.latest_step(Path(root) / run.name) == run.config().total_steps
 

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from bgjax import models
+from bgjax.models import masking as masking_lib
 from bgjax.models import pos_embed, timm_io, vit
 
 SIZE = 32  # px; vit_custom: patch 8 -> 4x4 grid, width 32, 2 heads, 2 blocks
@@ -76,8 +77,8 @@ def data():
 
 
 def _token_grids(mask):
-    centre = np.asarray(vit.patch_grid_mask(mask, 8, (4, 4), "centre")).reshape(2, -1)
-    anyfg = np.asarray(vit.patch_grid_mask(mask, 8, (4, 4), "any")).reshape(2, -1)
+    centre = np.asarray(masking_lib.patch_grid_mask(mask, 8, (4, 4), "centre")).reshape(2, -1)
+    anyfg = np.asarray(masking_lib.patch_grid_mask(mask, 8, (4, 4), "any")).reshape(2, -1)
     return centre, anyfg
 
 
@@ -147,7 +148,7 @@ def test_late_masks_patch_tokens_only(data):
 def _late_second_last(model, x, mask):
     """The model's output and the same computation spelled out by hand."""
     tokens, blocks = model.forward_intermediates(x, mask)
-    grid = vit.patch_grid_mask(mask, 8, (4, 4), "centre").reshape(2, -1)
+    grid = masking_lib.patch_grid_mask(mask, 8, (4, 4), "centre").reshape(2, -1)
     scale = jnp.concatenate([jnp.ones((2, model.num_prefix_tokens)), grid], axis=1)
     by_hand = model.late_norm(blocks[-2]) * scale[..., None]
     return tokens, model.norm(model.blocks[-1](by_hand))
@@ -291,7 +292,9 @@ def test_dynamic_input_size_equals_resampled_weights(data):
     dynamic = outputs(small, big, None)[0]
     fixed = build(img_size=(48, 40))
     assert fixed.pos_embed.shape == (1, 30, 32)
-    timm_io.load_timm_state_dict(fixed, vit.fit_pos_embed(fixed, timm_io.to_timm_state_dict(small)))
+    timm_io.load_timm_state_dict(
+        fixed, pos_embed.fit_pos_embed(fixed, timm_io.to_timm_state_dict(small))
+    )
     np.testing.assert_allclose(outputs(fixed, big, None)[0], dynamic, rtol=1e-5, atol=1e-5)
 
 

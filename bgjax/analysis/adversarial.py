@@ -319,7 +319,7 @@ def examples_figure(
 # The command
 
 
-def run(
+def analyze(
     workdir: str | os.PathLike,
     step: int | None = None,
     *,
@@ -399,7 +399,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required")
     parallel.initialize_distributed()
     try:
-        report = run(
+        report = analyze(
             _WORKDIR.value, _STEP.value, max_backgrounds=_MAX_BACKGROUNDS.value,
             max_foregrounds=_MAX_FOREGROUNDS.value, split=_SPLIT.value,
             batch_size=_BATCH_SIZE.value, seed=_ORDER_SEED.value,

@@ -233,7 +233,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(
+def analyze(
     workdir: str | os.PathLike,
     step: int | None = None,
     *,
@@ -304,7 +304,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--workdir is required")
     parallel.initialize_distributed()
     try:
-        report = run(
+        report = analyze(
             _WORKDIR.value, _STEP.value, n=_N.value, variant=_VARIANT.value, split=_SPLIT.value,
             cam_layer=_CAM_LAYER.value,
             batch_size=_BATCH_SIZE.value, overrides=config_utils.override_flag_values(),

@@ -49,6 +49,7 @@ def get_config(arg=None):
     c = config_utils.base_config()
     c.data.name = "synthetic"
     c.data.bg_correlation = 0.9
+    c.data.seed = 0  # which images the dataset renders (config.seed: training's randomness)
     c.train_variant = "mixed_rand" if arg.strategy == "mixed_rand" else "original"
     c.model.masking = arg.strategy if arg.strategy in ("early", "late", "attn") else "none"
     c.model.frozen_backbone = arg.frozen

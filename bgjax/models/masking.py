@@ -111,3 +111,20 @@ def masked_mean_pool(features, grid):
     total = jnp.sum(features * grid[..., None], axis=(1, 2))
     count = jnp.sum(grid, axis=(1, 2))[:, None]
     return total / jnp.maximum(count, 1)
+
+
+def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "centre"):
+    """(B, H, W) pixel mask -> (B, h, w) float token mask for a `patch_size` patch grid.
+
+    rule "centre": the patch's centre pixel (torch `nearest-exact`, the paper's code);
+    "any": 1 if any pixel of the patch is foreground. Pixels past the grid (dropped by the
+    patch embedding) are ignored.
+    """
+    h, w = grid
+    p = patch_size
+    mask = jnp.asarray(mask)[:, : h * p, : w * p].astype(jnp.float32)
+    if rule == "centre":
+        return resize_mask_nearest(mask, (h, w))
+    if rule == "any":
+        return jnp.max(mask.reshape(mask.shape[0], h, p, w, p), axis=(2, 4))
+    raise ValueError(f"unknown token-grid rule {rule!r}; expected 'centre' or 'any'")

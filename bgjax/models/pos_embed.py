@@ -98,3 +98,15 @@ def sincos_2d_pos_embed(grid_size: Sequence[int], dim: int, temperature: float =
     ang_x, ang_y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
     table = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
     return table.astype(np.float32)
+
+
+def fit_pos_embed(model, state_dict: dict, *, antialias: bool = False) -> dict:
+    """A timm state dict whose (square-grid) `pos_embed` is resampled to the grid of `model`
+    (a `vit.VisionTransformer`)."""
+    if "pos_embed" not in state_dict:
+        raise ValueError("state dict has no 'pos_embed' key")
+    pos = np.asarray(state_dict["pos_embed"])
+    fitted = resample_pos_embed(
+        pos, model.grid_size, None, model.num_pos_prefix_tokens, antialias=antialias
+    )
+    return {**state_dict, "pos_embed": fitted}

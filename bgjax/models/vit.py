@@ -52,38 +52,6 @@ POS_EMBED_INITS = ("trunc_normal", "sincos2d")
 DEFAULT_HEAD_POOL = {"none": "cls", "early": "cls", "late": "cls+gap", "attn": "gap"}
 
 
-def fit_pos_embed(model: VisionTransformer, state_dict: dict, *, antialias: bool = False) -> dict:
-    """A timm state dict whose (square-grid) `pos_embed` is resampled to `model`'s grid."""
-    if "pos_embed" not in state_dict:
-        raise ValueError("state dict has no 'pos_embed' key")
-    pos = np.asarray(state_dict["pos_embed"])
-    fitted = resample_pos_embed(
-        pos, model.grid_size, None, model.num_pos_prefix_tokens, antialias=antialias
-    )
-    return {**state_dict, "pos_embed": fitted}
-
-
-# ---------------------------------------------------------------------------------------------
-# Token-grid masks.
-
-
-def patch_grid_mask(mask, patch_size: int, grid: Sequence[int], rule: str = "centre"):
-    """(B, H, W) pixel mask -> (B, h, w) float token mask for a `patch_size` patch grid.
-
-    rule "centre": the patch's centre pixel (torch `nearest-exact`, the paper's code);
-    "any": 1 if any pixel of the patch is foreground. Pixels past the grid (dropped by the
-    patch embedding) are ignored.
-    """
-    h, w = grid
-    p = patch_size
-    mask = jnp.asarray(mask)[:, : h * p, : w * p].astype(jnp.float32)
-    if rule == "centre":
-        return masking_lib.resize_mask_nearest(mask, (h, w))
-    if rule == "any":
-        return jnp.max(mask.reshape(mask.shape[0], h, p, w, p), axis=(2, 4))
-    raise ValueError(f"unknown token-grid rule {rule!r}; expected 'centre' or 'any'")
-
-
 # ---------------------------------------------------------------------------------------------
 # Layers.
 
@@ -379,10 +347,10 @@ class VisionTransformer(nnx.Module):
 
         key_mask = token_scale = pool_mask = None
         if self.masking == "attn":
-            pool_mask = patch_grid_mask(mask, self.patch_size, grid, rule="any")
+            pool_mask = masking_lib.patch_grid_mask(mask, self.patch_size, grid, rule="any")
             key_mask = self._with_prefix(pool_mask, jnp.bool_)
         elif self.masking == "late":
-            grid_mask = patch_grid_mask(mask, self.patch_size, grid, rule="centre")
+            grid_mask = masking_lib.patch_grid_mask(mask, self.patch_size, grid, rule="centre")
             token_scale = self._with_prefix(grid_mask, tokens.dtype)[..., None]
             pool_mask = grid_mask if self.late_pool == "masked_mean" else None
         # late_block=-k < -1 masks after block depth-k (behind `late_norm`); -1 after `norm`.
