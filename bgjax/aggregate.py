@@ -35,6 +35,7 @@ from bgjax import metrics as metrics_lib
 from bgjax import plots, tasks
 from bgjax import variants as variants_lib
 from bgjax import workdir as workdir_lib
+from bgjax.data import pipeline
 
 SourceFn = Callable[[ml_collections.ConfigDict, str], Any]
 
@@ -111,6 +112,7 @@ def evaluate_run(
                 source,
                 spec.variants,
                 image_size=data.image_size,
+                eval_resize=pipeline.EvalResize.from_config(data),
                 with_gt_masks=False,
                 batch_size=batch_size or run.config.eval.batch_size,
             )  # fmt: skip
@@ -188,8 +190,14 @@ def load_evals(root: str | os.PathLike) -> dict[str, list[EvalSpec] | None]:
 
 
 def metrics_of(results: Mapping[str, Any]) -> dict[str, float | None]:
-    """The flat metrics of one results.json: each variant's accuracy, BG-gap, groups."""
-    out = {v: r["accuracy"] for v, r in results["variants"].items()}
+    """The flat metrics of one results.json: each variant's accuracy (a segmenter's: foreground
+    and mean IoU), BG-gap, groups."""
+    out = {}
+    for variant, r in results["variants"].items():
+        if "accuracy" in r:
+            out[variant] = r["accuracy"]
+        else:
+            out.update({f"{variant} {m}": r[m] for m in ("fg_iou", "miou") if m in r})
     for key in ("bg_gap", "worst_group_accuracy", "average_accuracy"):
         if results.get(key) is not None:
             out[key] = results[key]

@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = ml_collections.ConfigDict()  # passed to bgjax.data.get_source
+    # Evaluation's resize to data.image_size (bgjax.data.pipeline.EvalResize): "warp" the whole
+    # frame, or "resize_crop" (timm's: shorter side to image_size / crop_pct, centre crop);
+    # interpolation "bilinear" (OpenCV) or "bicubic" (PIL's, as timm).
+    c.data.eval_resize = "warp"
+    c.data.crop_pct = 0.875
+    c.data.interpolation = "bilinear"
     c.data_workers = 0  # Grain worker processes (0: reader threads in-process)
     c.train_variant = "original"  # str, or {variant: weight}
     c.augment = None  # bgjax.data.augment config, or None
@@ -84,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             lr=1e-3,
             wd=0.05,
+            wd_params="kernels",  # or "all" (see bgjax/optim.py)
             warmup_steps=20,
             min_lr_ratio=0.0,
             b1=0.9,

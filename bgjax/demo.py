@@ -239,6 +239,7 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> dict[str, str]:
         "accuracy, balanced (%)": "ood_accuracy",
     }
     strategies = list(dict.fromkeys(st for by in runs.values() for st in by))
+    lowest = min(r[key] for by in runs.values() for r in by.values() for key in metrics.values())
     plots.bar_panels(
         {
             title: {
@@ -249,7 +250,7 @@ def write_summary(workdir: str, summary: Mapping[str, Any]) -> dict[str, str]:
         paths["strategies"],
         ylabel="%",
         columns=3,
-        ylim=None,
+        ylim=(min(0.0, 100 * lowest) - 3, 100),  # one scale: the panels are compared
     )
     _variant_grid(paths["grid"], summary["dataset"], summary["settings"]["image_size"])
     return paths

@@ -10,8 +10,7 @@ ACCELERATOR INSIDE the classifier's jitted step: its parameters are an extra arg
 step (frozen: under `jax.lax.stop_gradient`, never updated), the images it sees are the
 classifier's already-normalised batch, and the mask is sigmoid(logit) > 0.5. No host round-trip.
 
-    source = workdir.load_mask_source(config.mask_source, image_size=config.data.image_size,
-                                      mean=info.mean, std=info.std, mesh=mesh)
+    source = workdir.load_mask_source(config.mask_source, mean=info.mean, std=info.std, mesh=mesh)
     def train_step(state, batch, mask_params):
         images, masks = source.inputs(batch, info.mean, info.std, mask_params, masked=True)
     jax.jit(train_step)(state, batch, source.params)
@@ -19,7 +18,11 @@ classifier's already-normalised batch, and the mask is sigmoid(logit) > 0.5. No 
 This module is pure (no disk): `bgjax.workdir.load_mask_source` reads a segmenter's workdir.
 
 A segmenter trained with other normalisation statistics than the classifier gets its input
-re-normalised exactly (an affine map per channel), so any pair of datasets combines.
+re-normalised exactly (an affine map per channel), so any pair of datasets combines. A segmenter
+trained at another image size sees the classifier's images resized to its own size (bilinear,
+antialiased) and its mask is resized back (nearest), as a separate segmentation network (the
+paper's Mask2Former) runs at its own resolution: one segmenter serves a 224-px ConvNeXt and a
+518-px ViT.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from bgjax.data import pipeline
+from bgjax.models import masking as masking_lib
 from bgjax.models import segmenter as segmenter_lib
 
 GT = "gt"
@@ -78,7 +82,13 @@ class MaskSource:
                 self.shift, images.dtype
             )
         segmenter = nnx.merge(self.graphdef, jax.tree.map(jax.lax.stop_gradient, params))
-        return predict_masks(segmenter, images)
+        size = images.shape[1:3]
+        if self.image_size is None or tuple(size) == (self.image_size,) * 2:
+            return predict_masks(segmenter, images)
+        seg_size = (images.shape[0], self.image_size, self.image_size, images.shape[3])
+        resized = jax.image.resize(images, seg_size, "linear", antialias=True)
+        mask = predict_masks(segmenter, resized)
+        return masking_lib.resize_mask_nearest(mask, size).astype(mask.dtype)
 
     def masks(self, params: Any, batch: Mapping[str, jax.Array], images: jax.Array) -> jax.Array:
         """The masks a step uses: the batch's own ("gt") or the segmenter's prediction."""

@@ -10,6 +10,7 @@ subset with no image has accuracy None (JSON null), never NaN.
     worst_group_accuracy / weighted_average_accuracy
     map_imagenet_to_in9(pred_1000)          -> IN-9 label, -1 for the 630 unmapped classes
     four_buckets(original, fg, bg)          -> the fg/bg correctness table
+    background_class_share(pred, bg_label)  -> how often a mixed image gets its background's class
 
 Definitions: docs/reference.md#in9-metrics (BG-gap, buckets), #in9-class-mapping, #waterbirds
 (groups, worst-group and weighted average accuracy).
@@ -91,15 +92,18 @@ def group_ids(label, habitat, num_habitats: int) -> np.ndarray:
 
 
 def group_accuracies(
-    pred, label, habitat, group_names: Sequence[str], num_habitats: int, valid=None
-) -> dict[str, dict]:
+    pred, label, habitat, group_names: Sequence[str], num_habitats: int, valid=None,
+    group_label=None,
+) -> dict[str, dict]:  # fmt: skip
     """Accuracy and count of every label x habitat group, keyed by `group_names[g]`.
 
-    Groups without images are reported with count 0 and accuracy None.
+    Groups without images are reported with count 0 and accuracy None. `group_label`: group
+    by this label instead of the predicted one (e.g. waterbird/landbird for species labels).
     """
     hits = correct(pred, label, valid)
     n = hits.shape[0]
-    groups = group_ids(_flat("label", label, n), _flat("habitat", habitat, n), num_habitats)
+    by = label if group_label is None else group_label
+    groups = group_ids(_flat("group label", by, n), _flat("habitat", habitat, n), num_habitats)
     keep = _valid(valid, n)
     if np.any(groups[keep] >= len(group_names)):
         raise ValueError(f"group id {groups[keep].max()} >= {len(group_names)} group names")
@@ -177,6 +181,18 @@ def four_buckets(original_correct, fg_correct, bg_correct, valid=None) -> dict[s
             "original_accuracy": _fraction(int(orig[rows].sum()), count),
         }
     return out
+
+
+def background_class_share(pred, bg_label) -> dict:
+    """{"share": fraction of images whose prediction is their background's class, "count":
+    images whose background class is known (bg_label >= 0)}. On MIXED_RAND / MIXED_NEXT, where
+    the background comes from another class, this measures predictions driven by the
+    background rather than the foreground."""
+    pred = _flat("pred", pred)
+    bg_label = _flat("bg_label", bg_label, pred.shape[0])
+    known = bg_label >= 0
+    count = int(known.sum())
+    return {"share": _fraction(int((pred[known] == bg_label[known]).sum()), count), "count": count}
 
 
 def pct(x: float | None, digits: int = 1) -> str:

@@ -154,7 +154,10 @@ def saliency_overlays(
 # Multi-panel figures (demo and sweep summaries): a grid of small axes, one legend on the right
 # shared by all panels, and the same colour for a series in every panel.
 PANEL_IN = (3.2, 2.6)  # inches per panel (width, height)
-LEGEND_IN = 1.7  # right margin for the shared legend
+LEGEND_ROW_IN = 0.3  # height of one row of the shared legend, above the panels
+LEGEND_COLUMNS = 6
+LEGEND_ENTRY_IN = 1.6  # width of one legend entry: fewer columns on narrow figures
+MARKERS = "os^Dvx"  # per series, so that lines that coincide stay distinguishable
 
 
 def _panel_figure(
@@ -163,21 +166,32 @@ def _panel_figure(
     columns: int,
     draw,
     handle,
+    panel_width: float = PANEL_IN[0],
 ) -> str:
     """Calls `draw(ax, title, series, colours)` per panel, then `handle(colour, name)` per
-    series for the legend, and saves."""
+    series for the one legend, which runs across the top where every panel can be read
+    against it, and saves."""
     if not panels:
         raise ValueError("a panel figure needs at least one panel")
     names = list(dict.fromkeys(s for series in panels.values() for s in series))
     colours = {s: f"C{i % 10}" for i, s in enumerate(names)}
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
+    width = panel_width * columns
+    legend_columns = max(1, min(len(names), LEGEND_COLUMNS, int(width / LEGEND_ENTRY_IN)))
+    legend_in = LEGEND_ROW_IN * -(-len(names) // legend_columns) + 0.1
     with style():
-        fig = Figure(figsize=(PANEL_IN[0] * columns + LEGEND_IN, PANEL_IN[1] * rows))
+        fig = Figure(figsize=(width, PANEL_IN[1] * rows + legend_in))
         for i, (title, series) in enumerate(panels.items()):
             draw(fig.add_subplot(rows, columns, i + 1), title, series, colours)
-        fig.legend(handles=[handle(colours[s], s) for s in names], loc="upper right", fontsize=7)
-        fig.tight_layout(rect=(0, 0, 1 - LEGEND_IN / fig.get_figwidth(), 1))
+        fig.legend(
+            handles=[handle(colours[s], s) for s in names],
+            loc="upper center",
+            ncol=legend_columns,
+            fontsize=9,
+            frameon=False,
+        )
+        fig.tight_layout(rect=(0, 0, 1, 1 - legend_in / fig.get_figheight()))
         return save_figure(fig, out_path)
 
 
@@ -213,7 +227,12 @@ def bar_panels(
         ax.set_title(title)
 
     handle = lambda colour, label: matplotlib.patches.Patch(color=colour, label=label)
-    return _panel_figure(panels, out_path, columns, draw, handle)
+    bars = max(
+        len(series) * len({g for values in series.values() for g in values})
+        for series in panels.values()
+    )
+    width = max(PANEL_IN[0], 0.6 + 0.13 * bars)  # bars stay ~0.1 in wide, however many
+    return _panel_figure(panels, out_path, columns, draw, handle, panel_width=width)
 
 
 def metric_vs_size(
@@ -225,7 +244,11 @@ def metric_vs_size(
     columns: int = 4,
 ) -> str:
     """Scaling curves: {panel title: {series: [(x, fraction), ...]}}, x on a log axis. Points
-    of a series at the same x (seeds) are averaged, with min-max error bars."""
+    of a series at the same x (seeds) are averaged, with min-max error bars. Every panel shares
+    the percentage axis: from 0 (or the lowest value, for a negative BG-gap) to 100."""
+    lowest = min(y for series in panels.values() for pts in series.values() for _, y in pts)
+    names = list(dict.fromkeys(s for series in panels.values() for s in series))
+    y_range = (min(0.0, 100 * lowest) - 3, 103)
 
     def draw(ax, title, series, colours):
         for label, points in series.items():
@@ -233,13 +256,20 @@ def metric_vs_size(
             ys = [[100 * y for x2, y in points if x2 == x] for x in xs]
             mean = np.array([np.mean(v) for v in ys])
             err = np.array([[m - min(v), max(v) - m] for m, v in zip(mean, ys)]).T
-            ax.errorbar(xs, mean, yerr=err, color=colours[label], marker="o", ms=3, capsize=2)
+            marker = MARKERS[names.index(label) % len(MARKERS)]
+            ax.errorbar(xs, mean, yerr=err, color=colours[label], marker=marker, ms=4, capsize=2,
+                        alpha=0.8)  # fmt: skip
+        ax.set_ylim(*y_range)  # one scale for every panel: a flat 25% line looks flat
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
 
-    return _panel_figure(panels, out_path, columns, draw, _line_handle)
+    def handle(colour, label):
+        marker = MARKERS[names.index(label) % len(MARKERS)]
+        return matplotlib.lines.Line2D([], [], color=colour, marker=marker, label=label)
+
+    return _panel_figure(panels, out_path, columns, draw, handle)
 
 
 def accuracy_scatter(
@@ -255,7 +285,9 @@ def accuracy_scatter(
     def draw(ax, ylabel, series, colours):
         for label, points in series.items():
             xy = 100 * np.asarray(points, np.float64).reshape(-1, 2)
-            ax.scatter(xy[:, 0], xy[:, 1], s=14, color=colours[label])
+            # See-through, outlined markers: points that coincide show as darker, not hidden.
+            ax.scatter(xy[:, 0], xy[:, 1], s=28, color=colours[label], alpha=0.55,
+                       edgecolors="black", linewidths=0.5, zorder=3)  # fmt: skip
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
 

@@ -3,6 +3,8 @@ r"""`bgjax sweep`: expand a grid of training runs, then run them here or print c
     bgjax sweep --config sweeps/synthetic_tiny.py --workdir runs/tiny                    # local
     bgjax sweep --config sweeps/masking_scaling.py --workdir gs://b/scaling \
         --launch print --cluster slurm > jobs.sh
+    bgjax sweep --config sweeps/masking_scaling.py --workdir /shared/scaling --launch slurm
+    bgjax sweep --status /shared/scaling             # finished / running / failed / stopped
     bgjax aggregate runs/tiny                                       # evaluate + tabulate + plot
 
 A sweep config's `get_config(arg)` returns:
@@ -16,6 +18,7 @@ A sweep config's `get_config(arg)` returns:
                settings: {"name": "convnext_t", "arg.arch": "convnext", "model.name": ...}.
     evals      what `bgjax aggregate` evaluates: [{"name", "split", "variants", "data"}], where
                `data` updates config.data for that evaluation (e.g. another dataset).
+    resources  Slurm: {nodes, gpus_per_node, cpus_per_gpu, time} of each run (default: 1 GPU)
 
 or, when some runs need others finished first (a segmenter whose masks later runs use),
 
@@ -41,6 +44,7 @@ import re
 import resource
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +58,7 @@ from bgjax import clflags, config_utils
 from bgjax import train as train_lib  # defines the trainer's flags first (see clflags)
 from bgjax import workdir as workdir_lib
 
-LAUNCH_MODES = ("local", "print")
+LAUNCH_MODES = ("local", "print", "slurm")
 CLUSTERS = ("slurm", "tpu")
 ARG_PREFIX = "arg."
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.=+-]+")
@@ -75,6 +79,7 @@ class Job:
     points: tuple[tuple[str, str], ...]  # (axis, point name)
     stage: int = 0  # jobs of a stage start once the earlier stages' jobs finished
     evals: tuple[Mapping[str, Any], ...] | None = None  # `bgjax aggregate`'s; None: default
+    resources: tuple[tuple[str, Any], ...] = ()  # Slurm: nodes, gpus_per_node, cpus_per_gpu, time
 
     def config(self) -> ml_collections.ConfigDict:
         config = config_utils.load_config(f"{self.base}:{self.arg}")
@@ -117,7 +122,9 @@ def _with_root(value: Any, root: str | None, key: str) -> Any:
     return value.replace("{root}", os.fspath(root))
 
 
-STAGE_KEYS = {"name", "base", "base_arg", "overrides", "axes", "evals"}
+STAGE_KEYS = {"name", "base", "base_arg", "overrides", "axes", "evals", "resources"}
+# What one Slurm job asks for unless the sweep (or its stage) says `resources`: one GPU.
+DEFAULT_RESOURCES = dict(nodes=1, gpus_per_node=1, cpus_per_gpu=12, time="24:00:00")
 
 
 def expand(sweep: ml_collections.ConfigDict, root: str | None = None) -> list[Job]:
@@ -125,20 +132,31 @@ def expand(sweep: ml_collections.ConfigDict, root: str | None = None) -> list[Jo
     varies fastest); "{root}" in a value becomes `root`."""
     stages = sweep.get("stages")
     if stages is None:
-        return _expand_stage(sweep, 0, sweep.get("evals"), root)
+        return _expand_stage(sweep, 0, sweep.get("evals"), _resources(sweep, {}), root)
     jobs: list[Job] = []
     for index, stage in enumerate(stages):
         unknown = set(stage.keys()) - STAGE_KEYS
         if unknown:
             raise ValueError(f"sweep stage {index}: unknown keys {sorted(unknown)}")
-        jobs += _expand_stage(stage, index, stage.get("evals", sweep.get("evals")), root)
+        evals = stage.get("evals", sweep.get("evals"))
+        resources = _resources(stage, _resources(sweep, {}))
+        jobs += _expand_stage(stage, index, evals, resources, root)
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"sweep stages name the same run twice: {names}")
     return jobs
 
 
-def _expand_stage(stage: Mapping[str, Any], index: int, evals, root) -> list[Job]:
+def _resources(spec: Mapping[str, Any], default: Mapping[str, Any]) -> dict[str, Any]:
+    given = dict(spec.get("resources") or {})
+    unknown = set(given) - set(DEFAULT_RESOURCES)
+    if unknown:
+        raise ValueError(f"sweep resources: unknown keys {sorted(unknown)}; known: "
+                         f"{sorted(DEFAULT_RESOURCES)}")  # fmt: skip
+    return {**DEFAULT_RESOURCES, **default, **given}
+
+
+def _expand_stage(stage, index: int, evals, resources, root) -> list[Job]:
     if "base" not in stage or not ("axes" in stage or "name" in stage):
         raise ValueError(
             f"sweep config (stage {index}) needs base and axes (or name, for a single run)"
@@ -172,6 +190,7 @@ def _expand_stage(stage: Mapping[str, Any], index: int, evals, root) -> list[Job
                 points=tuple((axis, name) for (axis, _), (name, _) in zip(axes, combo)),
                 stage=index,
                 evals=evals,
+                resources=tuple(resources.items()),
             )
         )
     return jobs
@@ -254,10 +273,11 @@ def launch_commands(
 ) -> list[str]:
     """One shell command per job for a Slurm cluster or a TPU pod (the `launch/` scripts).
 
-    Slurm: with several stages, a later stage's jobs wait for every earlier job
-    (`--dependency=afterok`, the ids collected in $BGJAX_STAGE_JOBS). `tpu` = (pod name, zone,
-    accelerator type) for `launch/tpu_pod.sh`; the commands share the pod, so a script of them
-    trains the jobs one after another, stages in order."""
+    Slurm: each job asks for its `resources` (one GPU unless the sweep says otherwise); with
+    several stages, a stage's jobs wait for every job of the earlier stages
+    (`--dependency=afterok`, stage i's job ids collected in $BGJAX_STAGE<i>_JOBS). `tpu` =
+    (pod name, zone, accelerator type) for `launch/tpu_pod.sh`; the commands share the pod, so
+    a script of them trains the jobs one after another, stages in order."""
     if cluster not in CLUSTERS:
         raise ValueError(f"unknown cluster {cluster!r}; expected one of {CLUSTERS}")
     if cluster == "tpu" and not all(tpu):
@@ -271,14 +291,75 @@ def launch_commands(
             pod = " ".join(shlex.quote(t) for t in tpu)
             commands.append(f"launch/tpu_pod.sh {pod} -- {args}")
             continue
-        sbatch = f"sbatch --job-name={shlex.quote(job.name)}"
+        sbatch = f"sbatch --job-name={shlex.quote(job.name)} {slurm_resources(job)}"
         if staged and job.stage > 0:
-            sbatch += " --dependency=afterok$BGJAX_STAGE_JOBS"
+            earlier = "".join(f"$BGJAX_STAGE{i}_JOBS" for i in range(job.stage))
+            sbatch += f" --dependency=afterok{earlier}"
         command = f"{sbatch} launch/slurm.sbatch {args}"
         if staged and job.stage < last_stage:  # later stages wait for it
-            command = f'BGJAX_STAGE_JOBS+=":$({sbatch} --parsable launch/slurm.sbatch {args})"'
+            sbatch_job = f"$({sbatch} --parsable launch/slurm.sbatch {args})"
+            command = f'BGJAX_STAGE{job.stage}_JOBS+=":{sbatch_job}"'
         commands.append(command)
     return commands
+
+
+def slurm_resources(job: Job) -> str:
+    """sbatch options for the job's resources: they override launch/slurm.sbatch's defaults."""
+    r = dict(job.resources) or DEFAULT_RESOURCES
+    return (
+        f"--nodes={r['nodes']} --ntasks-per-node={r['gpus_per_node']} --gpus-per-task=1 "
+        f"--cpus-per-task={r['cpus_per_gpu']} --time={r['time']}"
+    )
+
+
+def submit_slurm(root: str, jobs: Sequence[Job], *, sbatch: str = "sbatch") -> list[str]:
+    """Submit the jobs as Slurm job arrays, one per stage and resource set (a later stage's
+    arrays wait for the earlier ones); returns the array job ids. Each array task reads its
+    `bgjax train` arguments from line SLURM_ARRAY_TASK_ID of ROOT/slurm/<array>.args."""
+    folder = epath.Path(root) / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[int, str], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.stage, slurm_resources(job)), []).append(job)
+    ids: list[str] = []
+    done_stages: dict[int, list[str]] = {}
+    for index, ((stage, resources), members) in enumerate(sorted(groups.items())):
+        name = f"stage{stage}-{index}"
+        args_file = folder / f"{name}.args"
+        lines = (" ".join(shlex.quote(a) for a in j.train_args(root)) for j in members)
+        args_file.write_text("".join(f"{line}\n" for line in lines))
+        command = [sbatch, "--parsable", f"--array=0-{len(members) - 1}",
+                   f"--job-name={epath.Path(root).name}-{name}", *resources.split()]  # fmt: skip
+        earlier = [i for s, group in done_stages.items() if s < stage for i in group]
+        if earlier:
+            command.append("--dependency=afterok:" + ":".join(earlier))
+        command += ["launch/slurm.sbatch", "--args_file", os.fspath(args_file)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command[:4])} ... failed: {done.stderr.strip()}")
+        job_id = done.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+        done_stages.setdefault(stage, []).append(job_id)
+        ids.append(job_id)
+        logging.info("submitted %s (%d runs) as job %s", name, len(members), job_id)
+    return ids
+
+
+def status(root: str) -> list[tuple[str, str, str]]:
+    """(run, state, detail) for every run of the sweep in ROOT/sweep.json: finished, running,
+    failed, stopped or not started (`bgjax.workdir.run_state`)."""
+    manifest = epath.Path(root) / "sweep.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} not found: is {root} a sweep root?")
+    rows = []
+    for run in json.loads(manifest.read_text())["runs"]:
+        workdir = epath.Path(root) / run["name"]
+        if workdir_lib.is_run(workdir):
+            total = workdir_lib.read_config(workdir).total_steps
+        else:
+            job = Job(run["name"], run["base"], run["arg"], tuple(run["overrides"].items()), ())
+            total = job.config().total_steps
+        rows.append((run["name"], *workdir_lib.run_state(workdir, total)))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,16 +367,39 @@ def launch_commands(
 
 _CONFIG = clflags.config_file("config", "sweep config: sweeps/<name>.py[:arg] or a path")
 _WORKDIR = clflags.string("workdir", None, "Root folder of the sweep's runs.")
-_LAUNCH = clflags.string("launch", "local", "local: train here one by one; print: commands.")
+_LAUNCH = clflags.string(
+    "launch",
+    "local",
+    "local: train here one by one; print: the commands; slurm: submit job arrays.",
+)
+_STATUS = clflags.string("status", None, "Instead: list ROOT's runs as finished / running / ...")
 _CLUSTER = clflags.string("cluster", "slurm", "For --launch print: slurm | tpu.")
 _TPU_NAME = clflags.string("tpu_name", "bgjax", "--cluster tpu: the pod (created if needed).")
 _TPU_ZONE = clflags.string("tpu_zone", None, "--cluster tpu: its zone, e.g. us-central2-b.")
 _TPU_TYPE = clflags.string("tpu_type", None, "--cluster tpu: accelerator type, e.g. v4-32.")
 
 
+def print_status(root: str) -> None:
+    rows = status(root)
+    width = max(len(name) for name, _, _ in rows)
+    for name, state, detail in rows:
+        print(f"{name:{width}s}  {state:11s}  {detail}".rstrip())
+    counts = {}
+    for _, state, _ in rows:
+        counts[state] = counts.get(state, 0) + 1
+    print(", ".join(f"{n} {state}" for state, n in counts.items()))
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _STATUS.value is not None:
+        try:
+            print_status(_STATUS.value)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"bgjax sweep: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     if _LAUNCH.value not in LAUNCH_MODES:
@@ -307,11 +411,16 @@ def main(argv: Sequence[str]) -> None:
             tpu = (_TPU_NAME.value, _TPU_ZONE.value, _TPU_TYPE.value)
             print("\n".join(launch_commands(_WORKDIR.value, jobs, _CLUSTER.value, tpu)))
             return
+        if _LAUNCH.value == "slurm":
+            ids = submit_slurm(_WORKDIR.value, jobs)
+            print(f"submitted {len(jobs)} runs as Slurm job arrays {', '.join(ids)}; "
+                  f"bgjax sweep --status {_WORKDIR.value}")  # fmt: skip
+            return
         done = run_local(_WORKDIR.value, jobs)
     except Interrupted as e:
         print(f"bgjax sweep: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"bgjax sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
     for name, d in done.items():

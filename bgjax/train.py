@@ -39,9 +39,12 @@ from flax import nnx
 from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags, config_utils, parallel, tasks, xla_options
 from bgjax import data as data_lib
+from bgjax import lock as lock_lib
 from bgjax import masks as masks_lib
+from bgjax import variants as variants_lib
 from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
+from bgjax.models import masking as masking_lib
 from bgjax.train_state import Setup, make_setup
 
 # clflags: idempotent definitions, so `bgjax demo` / tests can import several command modules.
@@ -105,6 +108,8 @@ def make_train_step(
     def train_step(state: dict, batch: dict, mask_params: Any = None) -> tuple[dict, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         images, masks = mask_source.inputs(batch, info.mean, info.std, mask_params, masked=masked)
+        if setup.premask_fill is not None:  # early masking precedes mixing (see train_state)
+            images = masking_lib.early_mask(images, masks, setup.premask_fill)
         images, masks, targets, labels = task.targets(
             config, info.num_classes, key, batch, images, masks
         )
@@ -229,13 +234,6 @@ def _summarise(pending: list[tuple[int, dict]], ckpt_dir: epath.Path) -> dict[st
 # The run
 
 
-def variant_names(variant: str | Mapping[str, float]) -> tuple[str, ...]:
-    """config.train_variant (a name or {name: weight}) -> the variants it draws from."""
-    if isinstance(variant, str):
-        return (variant,)
-    return tuple(name for name, weight in variant.items() if weight > 0)
-
-
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Errors a run would otherwise hit late (after compiling or on a checkpoint step)."""
     accum = int(config.optimizer.get("grad_accum", 1))
@@ -256,7 +254,23 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) in `workdir`. Returns the last logged metrics and `preempted`."""
+    """Train (or resume) in `workdir`. Returns the last logged metrics and `preempted`.
+
+    The main process holds the workdir's lock throughout (`bgjax.lock`: a second trainer
+    refuses); an error is noted in DIR/failed.txt for `bgjax sweep --status`."""
+    if not parallel.is_main_process():
+        return _train(config, workdir)
+    with lock_lib.hold(workdir):
+        try:
+            summary = _train(config, workdir)
+        except Exception as error:
+            lock_lib.record_failure(workdir, error)
+            raise
+        lock_lib.record_failure(workdir, None)
+        return summary
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = epath.Path(workdir)
     is_main = parallel.is_main_process()
     mesh = parallel.make_mesh(config.mesh)
@@ -266,12 +280,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # Data: this process's shard of the training stream; the source's info sizes the model.
     train_source = data_lib.get_source(config.data, "train")
     info = train_source.info
-    train_variants = variant_names(config.train_variant)
+    train_variants = variants_lib.drawn_from(config.train_variant)
     tasks.require_masks(train_source, train_variants, config, command="bgjax train")
     eval_every = config.eval.every_steps
     if eval_every:
         eval_source = data_lib.get_source(config.eval.data or config.data, config.eval.split)
+        eval_resize = pipeline.EvalResize.from_config(config.data)  # goes with image_size
         tasks.require_masks(eval_source, config.eval.variants, config, command="bgjax train")
+        tasks.check_best_metric(config, eval_source.info)
     train_iter = iter(
         pipeline.build(
             train_source,
@@ -311,7 +327,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     mask_source = workdir_lib.load_mask_source(
         config.mask_source,
-        image_size=config.data.image_size,
         mean=info.mean,
         std=info.std,
         mesh=mesh,
@@ -356,7 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         results = evaluator(
                             state[eval_params], state["rest"], eval_source, config.eval.variants,
                             batch_size=config.eval.batch_size, image_size=config.data.image_size,
-                            seed=config.seed, mask_params=mask_params,
+                            seed=config.seed, mask_params=mask_params, eval_resize=eval_resize,
                         )  # fmt: skip
                         eval_metrics = tasks.get(config).log_metrics(results)
                         logged.update(eval_metrics)
@@ -422,7 +437,11 @@ def main(argv: Sequence[str]) -> None:
     if config is None:
         raise app.UsageError("--config is required")
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    summary = train(config, _WORKDIR.value)
+    try:
+        summary = train(config, _WORKDIR.value)
+    except lock_lib.WorkdirLocked as error:
+        print(f"bgjax train: error: {error}", file=sys.stderr)
+        sys.exit(2)
     if summary["preempted"]:
         sys.exit(0)
 

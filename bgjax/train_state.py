@@ -24,8 +24,30 @@ from bgjax import optim, parallel, tasks
 
 
 def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
-    """Everything the optimizer updates: all params, or the model's frozen-backbone subset."""
+    """Everything the optimizer updates: all params, or the model's frozen-backbone subset (the
+    head; after a mask before the last ViT block / ConvNeXt stage also what follows it, as in
+    the masking paper's code: `head_prefixes()` of the model)."""
     return model.frozen_backbone_filter() if config.model.frozen_backbone else nnx.Param
+
+
+def head_prefixes(model: nnx.Module) -> tuple[tuple[str, ...], ...]:
+    """Key paths that learn at the head's rate (`optimizer.head_lr_mult`) besides
+    `optimizer.head_keys`: what the model retrains after a late mask (the paper's boosted group
+    holds them with the head)."""
+    return model.head_prefixes() if hasattr(model, "head_prefixes") else ()
+
+
+def premask_fill(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple[float, ...] | None:
+    """The fill with which the train step masks the batch before the task mixes it (mixup /
+    cutmix), or None: the normalised per-channel value of the model's pixel masking (early, ViT
+    "attn"). Early masking precedes mixing, as in the masking paper's code (timm's Mixup blends
+    masked images): mixing unmasked images would show each image's background inside the
+    other's foreground. The model's own masking with the mixed mask then changes nothing."""
+    loss = config.get("loss") or {}
+    mixes = loss.get("mixup_alpha", 0.0) > 0 or loss.get("cutmix_alpha", 0.0) > 0
+    if mixes and getattr(model, "masking", "none") in ("early", "attn"):
+        return model.early_fill_value
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +56,7 @@ class Setup:
 
     graphdef: Any
     trainable: Any
+    premask_fill: tuple[float, ...] | None  # see `premask_fill`
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     init: Callable[[], dict]  # jitted; returns the state laid out as `shardings`
@@ -50,7 +73,9 @@ def make_setup(
     abstract_model = nnx.eval_shape(create)
     trainable = trainable_filter(abstract_model, config)
     graphdef, _, _ = nnx.split(abstract_model, trainable, ...)
-    tx, schedule = optim.make(config.optimizer, config.total_steps)
+    tx, schedule = optim.make(
+        config.optimizer, config.total_steps, head_prefixes=head_prefixes(abstract_model)
+    )
     use_ema = config.optimizer.get("ema_decay", 0.0) > 0
 
     def init() -> dict:
@@ -86,6 +111,7 @@ def make_setup(
     return Setup(
         graphdef=graphdef,
         trainable=trainable,
+        premask_fill=premask_fill(abstract_model, config),
         tx=tx,
         schedule=schedule,
         init=jax.jit(init, out_shardings=shardings),

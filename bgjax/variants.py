@@ -20,7 +20,7 @@ passes it as `bg_*`, and leaves the example's label as it is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -386,3 +386,10 @@ def parse(spec: str | Sequence[str] | None) -> tuple[str, ...]:
             f"unknown variant(s) {', '.join(unknown)}; valid: all, {', '.join(VARIANTS)}"
         )
     return tuple(dict.fromkeys(names))
+
+
+def drawn_from(variant: str | Mapping[str, float]) -> tuple[str, ...]:
+    """config.train_variant (a name or {name: weight}) -> the variants it draws from."""
+    if isinstance(variant, str):
+        return (variant,)
+    return tuple(name for name, weight in variant.items() if weight > 0)

@@ -2,9 +2,12 @@
 
     DIR/config.json          the resolved config (written by the trainer)
     DIR/dataset_info.json    classes, habitats, image size and normalisation of the training data
+    DIR/init_weights.json    the weights it started from: the path given, sha256, size
     DIR/metrics.jsonl        one row per logged step (+ DIR/tensorboard/ events)
     DIR/checkpoints/<step>/  Orbax: params, optimizer state, step, RNG, the Grain iterator
     DIR/eval/step_<N>/       `bgjax eval` results (results.json, results.md, variants.png)
+    DIR/train.lock           while a trainer runs: its host, pid and start (one trainer per run)
+    DIR/failed.txt           why the last training attempt stopped with an error
 
 The trainer, `bgjax eval`, the analyses, sweeps, aggregation, `compare`, the demo and a
 classifier's segmenter mask source all read runs through here; no other module opens
@@ -17,6 +20,7 @@ config.json or lists checkpoint steps.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -33,10 +37,12 @@ from flax import nnx
 from bgjax import checkpoint as checkpoint_lib
 from bgjax import config_utils, parallel, tasks, train_state
 from bgjax import data as data_lib
+from bgjax import lock as lock_lib
 from bgjax import masks as masks_lib
 
 CONFIG_FILE = "config.json"
 INFO_FILE = "dataset_info.json"
+INIT_FILE = "init_weights.json"
 CHECKPOINTS = "checkpoints"
 
 
@@ -94,6 +100,25 @@ def write_run_files(
         std=list(info.std),
     )
     (workdir / INFO_FILE).write_text(json.dumps(meta, indent=2))
+    init = config.model.get("init")
+    if init:  # which weights the run started from, by content: a path alone can be replaced
+        (workdir / INIT_FILE).write_text(json.dumps(weights_provenance(init), indent=2))
+
+
+def weights_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """{"given": the path as the user wrote it, "sha256", "bytes"} of a weights file."""
+    digest, size = hashlib.sha256(), 0
+    with epath.Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return dict(given=os.fspath(path), sha256=digest.hexdigest(), bytes=size)
+
+
+def init_weights(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance of the weights the run started from (None: random initialisation)."""
+    path = epath.Path(workdir) / INIT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def check_same_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -118,11 +143,28 @@ def saved_config(
     dataset: str | None = None,
 ) -> ml_collections.ConfigDict:
     """config.json with evaluation-time `--config.*` overrides and `--dataset` applied (the
-    checkpoint fixes the model: `model.*` keys are refused)."""
-    config = config_utils.apply_overrides(read_config(workdir), overrides or {}, frozen=("model",))
-    if dataset:
-        config.data.name = dataset
-    return config
+    checkpoint fixes the model: `model.*` keys are refused). Another `dataset` than the
+    training one keeps only the data keys of the evaluation itself (EVAL_DATA_KEYS), as the
+    others describe the training data, and takes any `data.*` key its reader needs (data.root,
+    data.label, ...); the training dataset takes its saved keys and EVAL_DATA_KEYS, so that a
+    misspelt key is still an error."""
+    config = read_config(workdir)
+    overrides = dict(overrides or {})
+    new_data = dataset is not None and dataset != config.data.name
+    if new_data:
+        kept = {k: config.data[k] for k in EVAL_DATA_KEYS if k in config.data}
+        config.data = ml_collections.ConfigDict(dict(kept, name=dataset))
+    free = {
+        k: overrides.pop(k)
+        for k in list(overrides)
+        if k.startswith("data.") and (new_data or k.split(".", 1)[1] in EVAL_DATA_KEYS)
+    }
+    config = config_utils.apply_overrides(config, free, allow_new=True)
+    return config_utils.apply_overrides(config, overrides, frozen=("model",))
+
+
+# data.* keys about how a run is evaluated rather than which data it trained on.
+EVAL_DATA_KEYS = ("image_size", "eval_resize", "crop_pct", "interpolation", "variants_from")
 
 
 def eval_dir(workdir: str | os.PathLike, step: int) -> str:
@@ -248,6 +290,7 @@ class Restored:
             mask_source_kind="ground_truth" if self.mask_source.is_gt else "segmenter",
             task=tasks.get(c).NAME,
             train_variant=c.get("train_variant"),
+            init_weights=init_weights(self.workdir),
         )
 
     def out_dir(self) -> str:
@@ -285,7 +328,6 @@ def restore(
     logging.info("restored %s (%s) from %s step %s", config.model.name, weights, workdir, step)
     mask_source = load_mask_source(
         config.get("mask_source", masks_lib.GT),
-        image_size=config.data.image_size,
         mean=info.mean,
         std=info.std,
         mesh=mesh,
@@ -296,14 +338,14 @@ def restore(
 def load_mask_source(
     mask_source: str,
     *,
-    image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     mesh: jax.sharding.Mesh | None = None,
 ) -> masks_lib.MaskSource:
     """`config.mask_source` -> a MaskSource. "gt": the batch's masks; otherwise the path of a
-    segmenter workdir, checked (before restoring anything) to hold a segmenter run trained at
-    `image_size` with a checkpoint, and restored onto `mesh` at its latest step. `mean`/`std`
+    segmenter workdir, checked (before restoring anything) to hold a segmenter run with a
+    checkpoint, and restored onto `mesh` at its latest step; trained at another size than the
+    classifier's `image_size`, it predicts at its own (`masks.MaskSource.predict`). `mean`/`std`
     are the classifier's normalisation; the segmenter's own is mapped to it exactly."""
     if mask_source == masks_lib.GT:
         return masks_lib.MaskSource()
@@ -323,12 +365,6 @@ def load_mask_source(
             f"mask source {mask_source!r} is a {task!r} run, not a segmenter "
             f"(its config.json has task={task!r}; expected 'segment')"
         )
-    if int(config.data.image_size) != int(image_size):
-        raise ValueError(
-            f"segmenter {mask_source!r} was trained at image size {config.data.image_size} px, "
-            f"but the classifier's config.data.image_size is {image_size} px: train a segmenter "
-            f"at {image_size} px or set the classifier's image size to {config.data.image_size}"
-        )
     if latest_step(path) is None:
         raise FileNotFoundError(
             f"segmenter workdir {path} has no checkpoint in {path / CHECKPOINTS}: train it first "
@@ -344,3 +380,26 @@ def load_mask_source(
         name=str(mask_source),
         image_size=int(config.data.image_size),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The state a sweep reports
+
+
+def run_state(workdir: str | os.PathLike, total_steps: int) -> tuple[str, str]:
+    """(state, detail) of a run for `bgjax sweep --status`: finished | running | failed |
+    stopped (checkpoints short of total_steps, no trainer) | not started."""
+    workdir = epath.Path(workdir)
+    step = latest_step(workdir) if workdir.exists() else None
+    at = f"step {step or 0}/{total_steps}"
+    if step is not None and step >= total_steps:
+        return "finished", at
+    holder = lock_lib.holder(workdir) if workdir.exists() else None
+    if holder is not None and lock_lib.holder_alive(holder) is not False:
+        return "running", f"{at}, pid {holder.get('pid')} on {holder.get('host')}"
+    failed = workdir / lock_lib.FAILED_FILE
+    if failed.exists():
+        return "failed", f"{at}: {failed.read_text().strip()}"
+    if step is not None:
+        return "stopped", at
+    return "not started", ""

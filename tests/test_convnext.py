@@ -232,6 +232,9 @@ def test_frozen_backbone_filter_and_gradients(batch):
             expected |= {p for p in params if p.startswith("stages.3.")}
             assert "stages.3.downsample.0.scale" in expected
         assert _trainable_paths(model) == expected, masking_kind
+    # Masked after the last stage, nothing but the head follows the mask (the paper's code).
+    last = tiny(masking="late", late_stage=4)
+    assert _trainable_paths(last) == {p for p in params if p.startswith("head.")}
 
     def loss(m):
         return jnp.sum(m(x, mask) ** 2)

@@ -72,7 +72,7 @@ def test_generation_is_seeded(trees):
 
 
 def test_generated_example_is_the_bird_alpha_composited_on_its_place(trees):
-    source = generated(trees, "test")
+    source = generated(trees, "test", jpeg_quality=0)  # lossless: the bird's pixels stay exact
     birds = cub.CubSource(trees["cub"], "all")
     for i in (0, 7):
         example = source[i]
@@ -90,7 +90,10 @@ def test_generated_example_is_the_bird_alpha_composited_on_its_place(trees):
 
 def test_species_labels_option(trees):
     source = generated(trees, "train", label="species")
-    assert source.info.num_classes == 10 and source.info.train_group_proportions.shape == (20,)
+    # Scored by species, the groups stay Waterbirds' four (waterbird/landbird x habitat).
+    assert source.info.num_classes == 10 and source.info.train_group_proportions.shape == (4,)
+    assert source.info.group_names() == ("landbird/land", "landbird/water", "waterbird/land",
+                                         "waterbird/water")  # fmt: skip
     species = cub.CubSource(trees["cub"], "all").info.labels[source.rows]
     np.testing.assert_array_equal(source.info.labels, species)
 

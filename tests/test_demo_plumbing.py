@@ -12,8 +12,10 @@ def test_demo_jobs_are_the_packaged_experiments():
     _, full = demo.jobs("ROOT")
     names = [j.name for j in full]
     assert names[0] == "segmenter" and full[0].stage == 0 and not full[0].evals
-    assert {j.stage for j in full[1:]} == {1}
+    assert [j.stage for j in full[1:]] == [1] * 5 + [2] * 5  # one stage per arch
     assert "convnext-early_pred" in names and "vit-late" in names and len(names) == 11
+    late = dict((j.name, j) for j in full)["convnext-late"].config()
+    assert late.model.patch_size == 2 and late.model.masking == "late"  # a 4x4 stage-3 grid
     pred = dict((j.name, j) for j in full)["vit-early_pred"].config()
     assert pred.mask_source == "ROOT/segmenter" and pred.model.masking == "early"
     assert pred.total_steps == 800 and pred.checkpoint.every_steps == 400
@@ -37,8 +39,14 @@ def test_root_placeholder_needs_a_root():
 def test_staged_slurm_commands_wait_for_earlier_stages():
     _, jobs = demo.jobs("ROOT")
     commands = sweep.launch_commands("ROOT", jobs, "slurm")
-    assert commands[0].startswith('BGJAX_STAGE_JOBS+=":$(sbatch --job-name=segmenter --parsable')
-    assert all("--dependency=afterok$BGJAX_STAGE_JOBS" in c for c in commands[1:])
+    assert commands[0].startswith('BGJAX_STAGE0_JOBS+=":$(sbatch --job-name=segmenter ')
+    assert "--parsable launch/slurm.sbatch" in commands[0]
+    for command in commands[1:6]:  # stage 1 waits for stage 0 and records its own ids
+        assert command.startswith('BGJAX_STAGE1_JOBS+=":$(sbatch --job-name=convnext-')
+        assert "--dependency=afterok$BGJAX_STAGE0_JOBS " in command
+    for command in commands[6:]:
+        assert command.startswith("sbatch --job-name=vit-")
+        assert "--dependency=afterok$BGJAX_STAGE0_JOBS$BGJAX_STAGE1_JOBS " in command
     assert "--config.mask_source=ROOT/segmenter" in commands[4]
 
 

@@ -208,8 +208,8 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
 
     loaded = {}
 
-    def from_timm(name, weights):
-        loaded.update(name=name, weights=weights)
+    def from_timm(name, weights, img_size=None):
+        loaded.update(name=name, weights=weights, img_size=img_size)
         mean, std = data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD
         return CodeReader((151, 7, 171, 0, 999, 407), 1000, CENTRE, 0, mean, std)
 
@@ -220,9 +220,12 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
         "convnext_tiny", weights, "coded", out_dir=tmp_path / "out", variant_names=("original",),
         overrides={"data.image_size": "16"}, batch_size=8,
     )  # fmt: skip
-    assert loaded == {"name": "convnext_tiny", "weights": str(weights)}
+    # The evaluation size: a ViT's position embedding is resampled to it on load.
+    assert loaded == {"name": "convnext_tiny", "weights": str(weights), "img_size": 16}
     assert r["variants"]["original"] == {"accuracy": 9 / 22, "count": 22}  # as the test above
     assert r["pretrained"] == "convnext_tiny" and r["split"] == "test"
+    assert r["normalization"]["mean"] == list(data_lib.IMAGENET_MEAN)
+    assert r["normalization"]["from"] == "ImageNet default (1000-class model)"
     assert json.loads((tmp_path / "out" / "results.json").read_text())["imagenet_to_in9"]
 
 
@@ -336,18 +339,26 @@ def test_evaluation_and_analyses_do_not_import_the_trainer():
 # ------------------------------------------------------------------------------ end to end
 
 
+def train_tiny_run(workdir, config_name: str, overrides=None, **updates):
+    """A real run of `config_name` (+ dotted `overrides`, top-level `updates`) in `workdir`,
+    checkpointed every step, without periodic evaluation."""
+    from bgjax import train
+
+    config = config_utils.apply_overrides(config_utils.load_config(config_name), overrides or {})
+    config.update(progress_bar=False, **updates)
+    config.checkpoint.every_steps = 1
+    config.eval.every_steps = 0
+    train.train(config, str(workdir))
+    return workdir
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     """A real 2-step ViT run (FSDP over 2 x 2 devices), checkpoints at steps 1 and 2."""
-    from bgjax import config_utils, train
-
-    config = config_utils.load_config("synthetic.py:arch=vit,size=tiny")
-    config.update(total_steps=2, progress_bar=False, mesh=[("data", 2), ("fsdp", 2)])
-    config.checkpoint.every_steps = 1
-    config.eval.every_steps = 0
-    workdir = tmp_path_factory.mktemp("run")
-    train.train(config, str(workdir))
-    return workdir
+    return train_tiny_run(
+        tmp_path_factory.mktemp("run"), "synthetic.py:arch=vit,size=tiny", total_steps=2,
+        mesh=[("data", 2), ("fsdp", 2)],
+    )  # fmt: skip
 
 
 @pytest.mark.slow

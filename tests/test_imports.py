@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.models.convert",
     ),
     # what a trained run is: on disk, its state, its masks, its task's loss and evaluator
-    ("bgjax.workdir", "bgjax.tasks.*", "bgjax.train_state", "bgjax.masks"),
+    ("bgjax.workdir", "bgjax.tasks.*", "bgjax.train_state", "bgjax.masks", "bgjax.lock"),
     (
         "bgjax.data.*",
         "bgjax.models.*",

@@ -139,7 +139,7 @@ def test_segmenter_rejects_a_masking_encoder():
 
 
 def test_gt_source_passes_the_batch_masks_through():
-    source = workdir_lib.load_mask_source("gt", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    source = workdir_lib.load_mask_source("gt", mean=(0.5,) * 3, std=(0.25,) * 3)
     batch = dict(mask=jnp.ones((2, 4, 4), jnp.uint8))
     assert source.is_gt and source.params is None
     assert source.masks(None, batch, jnp.zeros((2, 4, 4, 3))) is batch["mask"]
@@ -198,16 +198,13 @@ def _fake_workdir(path, *, task="segment", image_size=32):
 
 
 def test_segmenter_workdir_errors_name_the_path_or_sizes(tmp_path):
-    kwargs = dict(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    kwargs = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         workdir_lib.load_mask_source(str(missing), **kwargs)
     no_ckpt = _fake_workdir(tmp_path / "seg_no_ckpt")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*seg_no_ckpt/checkpoints"):
         workdir_lib.load_mask_source(str(no_ckpt), **kwargs)
-    other_size = _fake_workdir(tmp_path / "seg64", image_size=64)
-    with pytest.raises(ValueError, match=r"image size 64 px.*image_size is 32 px"):
-        workdir_lib.load_mask_source(str(other_size), **kwargs)
     classifier = _fake_workdir(tmp_path / "cls", task="classify")
     with pytest.raises(ValueError, match="not a segmenter"):
         workdir_lib.load_mask_source(str(classifier), **kwargs)
@@ -275,9 +272,7 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
     )
     batch = next(iter(first))
     images = pipeline.normalize(jnp.asarray(batch["image"]), info.mean, info.std)
-    mask_source = workdir_lib.load_mask_source(
-        str(seg_dir), image_size=32, mean=info.mean, std=info.std
-    )
+    mask_source = workdir_lib.load_mask_source(str(seg_dir), mean=info.mean, std=info.std)
     predicted = jax.jit(mask_source.predict)(mask_source.params, images)
     labels = jax.nn.one_hot(batch["label"], info.num_classes)
 
@@ -305,6 +300,11 @@ def test_predicted_masks_drive_early_masking_in_the_classifier(segmenter_run, tm
     assert results["mask_source_kind"] == "segmenter"
     assert set(results["gt_masks"]["variants"]) == {"original"}
 
-    # The real workdir checked against a classifier of another size.
-    with pytest.raises(ValueError, match=r"trained at image size 32 px.*is 64 px"):
-        workdir_lib.load_mask_source(str(seg_dir), image_size=64, mean=info.mean, std=info.std)
+    # A classifier at another size (64 px) gets the 32-px segmenter's masks of its images
+    # resized to 32 px, brought back to 64 px: the same objects.
+    big = jax.image.resize(images, (images.shape[0], 64, 64, 3), "nearest")
+    at_64 = jax.jit(mask_source.predict)(mask_source.params, big)
+    assert at_64.shape == (images.shape[0], 64, 64)
+    upsampled = jnp.repeat(jnp.repeat(predicted, 2, axis=1), 2, axis=2)
+    agree = seg.iou_metrics(seg.confusion_counts(at_64, upsampled))["fg_iou"]
+    assert agree > 0.9, agree

@@ -1,7 +1,9 @@
 """Sweeps: grid expansion, local launch with skip-finished, printed cluster commands, aggregate."""
 
 import json
+import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +132,10 @@ def test_print_commands_reproduce_the_runs(tiny):
     assert len(commands) == len(runs)
     for run, command in zip(runs, commands):
         words = shlex.split(command)
-        assert words[:3] == ["sbatch", f"--job-name={run.name}", "launch/slurm.sbatch"]
-        args = words[3:]
+        script = words.index("launch/slurm.sbatch")
+        assert words[:2] == ["sbatch", f"--job-name={run.name}"]
+        assert "--gpus-per-task=1" in words[:script] and "--nodes=1" in words[:script]
+        args = words[script + 1 :]
         at = args.index("--config") + 1
         args[at] = config_utils.resolve_config(args[at])  # the packaged name, as `bgjax train` does
         config, workdir = _parse_train_command(args)
@@ -152,3 +156,50 @@ def test_print_mode_cli(tmp_path):
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 4 and all("launch/slurm.sbatch" in line for line in lines)
     assert not list(tmp_path.glob("*/checkpoints"))  # printing trains nothing
+
+
+def test_masking_sweep_uses_a_segmenter_stage_by_default():
+    """The masking paper's protocol: stage 0 trains the CUB segmenter (scored on CUB and
+    Waterbirds), every masked run of stage 1 uses its masks; `masks=gt` drops the stage."""
+    config = config_utils.load_config("sweeps/masking_scaling.py:cub_root=/cub,waterbirds_root=/wb")
+    jobs = sweep.expand(config, root="ROOT")
+    assert jobs[0].name == "segmenter" and jobs[0].stage == 0
+    assert [e["name"] for e in jobs[0].evals] == ["cub_masks", "waterbirds_masks"]
+    assert jobs[0].config().task == "segment" and jobs[0].config().data.root == "/cub"
+    classifiers = jobs[1:]
+    assert len(classifiers) == 21 and {j.stage for j in classifiers} == {1}
+    for job in classifiers:
+        config = job.config()
+        expected = "gt" if config.model.masking == "none" else "ROOT/segmenter"
+        assert config.get("mask_source", "gt") == expected, job.name
+    gt_jobs = sweep.expand(config_utils.load_config("sweeps/masking_scaling.py:masks=gt"))
+    assert len(gt_jobs) == 21 and all(j.config().mask_source == "gt" for j in gt_jobs)
+
+
+def test_status_names_each_runs_state(swept, tmp_path):
+    """`bgjax sweep --status ROOT`: finished, running, failed, stopped, not started."""
+    import shutil
+
+    from bgjax import lock
+
+    src, runs, _, _ = swept
+    root = tmp_path / "root"
+    sweep.write_manifest(str(root), config_utils.load_config(TINY), runs)
+    shutil.copytree(Path(src) / runs[0].name, root / runs[0].name)  # finished
+    shutil.copytree(Path(src) / runs[1].name, root / runs[1].name)
+    me = dict(host=socket.gethostname(), pid=os.getpid())
+    (root / runs[1].name / lock.LOCK_FILE).write_text(json.dumps(me))
+    shutil.rmtree(root / runs[1].name / "checkpoints" / "6")  # a trainer on it, short of 6
+    (root / runs[2].name).mkdir()
+    shutil.copy(Path(src) / runs[2].name / "config.json", root / runs[2].name / "config.json")
+    lock.record_failure(root / runs[2].name, RuntimeError("NaN loss at step 3"))
+    states = {name: (state, detail) for name, state, detail in sweep.status(str(root))}
+    assert states[runs[0].name] == ("finished", "step 6/6")
+    assert states[runs[1].name][0] == "running"
+    assert states[runs[2].name][0] == "failed" and "NaN loss at step 3" in states[runs[2].name][1]
+    assert states[runs[3].name] == ("not started", "")
+    out = subprocess.run(
+        [sys.executable, "-m", "bgjax.cli", "sweep", "--status", str(root)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "1 finished, 1 running, 1 failed, 1 not started" in out

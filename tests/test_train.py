@@ -215,11 +215,22 @@ def test_mix_batch_labels_follow_the_pixels():
     assert same[0] is images and same[2] is targets
 
 
+# Late masking after the last block retrains nothing but the head (the masking paper's code);
+# after the second-last block, also the last block and the norms after the mask.
 @pytest.mark.parametrize(
-    "masking, trainable_prefixes", [("none", {"head"}), ("late", {"head", "blocks", "norm"})]
+    "masking, late_block, trainable_prefixes",
+    [
+        ("none", -1, {"head"}),
+        ("late", -1, {"head"}),
+        ("late", -2, {"head", "blocks", "norm", "late_norm"}),
+    ],
 )
-def test_frozen_backbone_trains_and_decays_only_its_subset(masking, trainable_prefixes):
-    config = _tiny_config(**{"model.frozen_backbone": True, "model.masking": masking})
+def test_frozen_backbone_trains_and_decays_only_its_subset(masking, late_block, trainable_prefixes):
+    config = _tiny_config(
+        **{"model.frozen_backbone": True, "model.masking": masking, "model.depth": 2}
+    )
+    if masking == "late":
+        config.model.late_block = late_block
     source = data_lib.get_source(config.data, "train")
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
     setup = train_state.make_setup(config, source.info, mesh)

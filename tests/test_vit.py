@@ -185,11 +185,13 @@ def _param_paths(state) -> set[str]:
 
 def test_frozen_backbone_filter(data):
     x, _, mask = data
-    plain = build(masking="none")
-    assert _param_paths(nnx.state(plain, plain.frozen_backbone_filter())) == {
-        "head.kernel",
-        "head.bias",
-    }
+    for kwargs in (dict(masking="none"), dict(masking="late", late_block=-1)):
+        # masked after the last block, nothing but the head follows the mask (the paper's code)
+        head_only = build(**kwargs)
+        assert _param_paths(nnx.state(head_only, head_only.frozen_backbone_filter())) == {
+            "head.kernel",
+            "head.bias",
+        }
     model = build(masking="late", late_block=-2, depth=3)
     trainable = model.frozen_backbone_filter()
 

@@ -8,7 +8,7 @@ strategy:  none (baseline) | early | late (masking with ground-truth masks) | mi
            (train on the Mixed-Rand variant) | attn (ViT: background patches masked in attention)
 size:      tiny (tests: 32 px, a few steps) | small (default, the demo's models: 32 px, 400
            steps) | base (64 px, 1500 steps)
-frozen:    train only the head (+ the last stage/block with late masking)
+frozen:    train only the head (+ what follows a late mask before the last stage / block)
 """
 
 from bgjax import config_utils
@@ -21,7 +21,13 @@ from bgjax import config_utils
 # 0.25 to 0.50 accuracy, where 4 px patches or a GAP head did not help.
 # Widths are multiples of 4 so FSDP over up to 4 devices actually shards them.
 _CONVNEXT = {
-    "small": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256), conv_mlp=False, dw_impl="grouped"),
+    "small": dict(
+        depths=(1, 1, 2, 1),
+        dims=(32, 64, 128, 256),
+        patch_size=4,
+        conv_mlp=False,
+        dw_impl="grouped",
+    ),
     "base": dict(),  # convnext_atto as in timm
 }
 _VIT = {

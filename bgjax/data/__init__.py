@@ -43,6 +43,10 @@ class DatasetInfo:
     # Normalisation statistics conventionally used with this dataset.
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Groups by another label than the class (Waterbirds scored by species: the groups stay
+    # waterbird/landbird x habitat): int32 [N] and its names; None: groups by the class.
+    group_labels: np.ndarray | None = None
+    group_label_names: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -53,10 +57,12 @@ class DatasetInfo:
         return None if self.habitat_names is None else len(self.habitat_names)
 
     def group_names(self) -> tuple[str, ...] | None:
-        """Group g = label * num_habitats + habitat, named '<class>/<habitat>'."""
+        """Group g = label * num_habitats + habitat, named '<class>/<habitat>' (the label and
+        class: group_labels / group_label_names when set)."""
         if self.habitat_names is None:
             return None
-        return tuple(f"{c}/{h}" for c in self.class_names for h in self.habitat_names)
+        classes = self.group_label_names or self.class_names
+        return tuple(f"{c}/{h}" for c in classes for h in self.habitat_names)
 
 
 class Source(Protocol):

@@ -15,15 +15,24 @@ pixels the same on every install (a fallback would change them with the environm
 
 The `augment` config (a ConfigDict or dict; None = no augmentation) selects ops by key:
 
-    dict(random_resized_crop=dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)),
+    dict(random_resized_crop=dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3),
+                                  interpolation="bilinear"),   # or "bicubic" (timm's)
          flip=True,
-         color_jitter=0.4)           # or dict(brightness=.4, contrast=.4, saturation=.4); 0 = off
+         color_jitter=0.4,           # or dict(brightness=.4, contrast=.4, saturation=.4); 0 = off
+         rand_augment="rand-m9-mstd0.5-inc1",        # timm's RandAugment, `randaugment.py`
+         random_erasing=dict(prob=0.25, mode="pixel"))   # timm's RandomErasing
 
-Ops run in a fixed order: the geometric ones first (crop and flip in one resampling pass), then
-the photometric ones. Extension point: `register(name, make_op)` adds a per-example op that runs
-after them (`make_op(cfg, size) -> op(image, mask, rng) -> (image, mask)`), e.g. a RandAugment
-for the CUB recipe. Batch-level ops that mix examples (mixup, cutmix) do not belong
-here: they act on a batch of images AND labels, so they go in the train step, on device.
+Ops run in timm's order: crop and flip (one resampling pass), colour jitter, RandAugment (its
+rotate/shear/translate move the mask too), random erasing (image only, like every photometric
+op). As in timm's `create_transform`, colour jitter and RandAugment exclude each other.
+Extension point: `register(name, make_op)` adds a per-example op that runs after them
+(`make_op(cfg, size) -> op(image, mask, rng) -> (image, mask)`). Batch-level ops that mix examples
+(mixup, cutmix) do not belong here: they act on a batch of images AND labels, so they go in the
+train step, on device.
+
+Evaluation does not augment; `eval_resize` maps a whole image to the model's size by the
+`data.eval_resize` rule: "warp" (the whole frame squashed to size x size) or "resize_crop"
+(timm's eval transform: shorter side to floor(size / crop_pct), then a centre size x size crop).
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
+
+from bgjax.data import randaugment
 
 # (image uint8[H,W,3], mask uint8[H,W], rng) -> (image, mask)
 Op = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -73,15 +85,22 @@ def random_resized_crop_box(
     return x0, y0, x0 + w, y0 + h
 
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
 def resized_crop(
     image: np.ndarray,
     mask: np.ndarray,
     box: tuple[int, int, int, int],
-    size: int,
+    size: int | tuple[int, int],
     flip: bool = False,
+    interpolation: str = "bilinear",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crops `box` (x0, y0, x1, y1) out of image and mask, resizes both to size x size, and
-    optionally mirrors them left-right.
+    """Crops `box` (x0, y0, x1, y1) out of image and mask, resizes both to `size` (a side, or
+    (width, height)), and optionally mirrors them left-right.
+
+    interpolation="bicubic" resamples the image with PIL's antialiased bicubic, which is what
+    timm/torchvision do to a PIL image (the masking paper's recipe); slower than the default.
 
     Only the crop is resampled (a view, never copied). The image is bilinear when the crop grows
     in either axis and area-averaged when it shrinks in both: INTER_LINEAR alone reads 2 x 2
@@ -90,25 +109,67 @@ def resized_crop(
     sampling like PIL's NEAREST; INTER_NEAREST would shift it by up to half a pixel).
     """
     x0, y0, x1, y1 = box
-    image = image[y0:y1, x0:x1]
+    out = (size, size) if isinstance(size, int) else tuple(size)
+    if interpolation == "bicubic":
+        image = np.asarray(Image.fromarray(image).resize(out, Image.Resampling.BICUBIC, box=box))
+    elif interpolation == "bilinear":
+        shrinks = x1 - x0 > out[0] and y1 - y0 > out[1]
+        flag = cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR
+        image = cv2.resize(image[y0:y1, x0:x1], out, interpolation=flag)
+    else:
+        raise ValueError(f"interpolation {interpolation!r}; known: {INTERPOLATIONS}")
     mask = mask[y0:y1, x0:x1]
     if mask.dtype != np.uint8:  # cv2 does not resample bool masks
         mask = mask.astype(np.uint8)
-    shrinks = x1 - x0 > size and y1 - y0 > size
-    out = (size, size)
-    image = cv2.resize(image, out, interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
     mask = cv2.resize(mask, out, interpolation=cv2.INTER_NEAREST_EXACT)
     if flip:  # cv2.flip copies ~20x faster than NumPy's negative-stride copy
         image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
     return image, mask
 
 
-def resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def resize(
+    image: np.ndarray, mask: np.ndarray, size: int, interpolation: str = "bilinear"
+) -> tuple[np.ndarray, np.ndarray]:
     """Resizes image and mask to size x size (whole frame, no crop), or returns them as they are."""
     height, width = mask.shape
     if height == width == size:
         return image, mask
-    return resized_crop(image, mask, (0, 0, width, height), size)
+    return resized_crop(image, mask, (0, 0, width, height), size, interpolation=interpolation)
+
+
+EVAL_RESIZE_RULES = ("warp", "resize_crop")
+
+
+def eval_resize(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    rule: str = "warp",
+    crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask at size x size for evaluation, by `rule` (see the module doc).
+
+    "resize_crop" is timm's `transforms_factory` eval path with torchvision's arithmetic: the
+    shorter side becomes floor(size / crop_pct) (256 for 224 at 0.875), the longer one
+    int(scale * long / short), then the centre crop starts at round((side - size) / 2).
+    """
+    if rule == "warp":
+        return resize(image, mask, size, interpolation)
+    if rule != "resize_crop":
+        raise ValueError(f"data.eval_resize {rule!r}; known: {EVAL_RESIZE_RULES}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"data.crop_pct must be in (0, 1], got {crop_pct}")
+    height, width = mask.shape
+    scale = math.floor(size / crop_pct)
+    if height <= width:
+        out = (int(scale * width / height), scale)
+    else:
+        out = (scale, int(scale * height / width))
+    if out != (width, height):
+        image, mask = resized_crop(image, mask, (0, 0, width, height), out, False, interpolation)
+    top, left = int(round((out[1] - size) / 2)), int(round((out[0] - size) / 2))
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
 
 
 def color_jitter(
@@ -161,6 +222,45 @@ def _saturation(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.addWeighted(image, factor, grey, 1.0 - factor, -0.499)
 
 
+def random_erasing(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    prob: float = 0.5,
+    mode: str = "const",
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+) -> np.ndarray:
+    """timm's RandomErasing (one box, `max_count=1`) on a uint8 image; the mask is untouched.
+
+    timm erases the normalised tensor with N(0, 1) per pixel ("pixel"), per box ("rand") or 0
+    ("const"). Here images are uint8 until normalisation on device, so that value v is written
+    as round(255 * (mean + std * v)), clipped to [0, 255]: exact for "const", and the noise of
+    "pixel"/"rand" is cut at about +-2 std (the normalised value's range of a real image).
+    """
+    if rng.random() > prob:
+        return image
+    height, width = image.shape[:2]
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(10):
+        target_area = rng.uniform(min_area, max_area) * height * width
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            shape = {"pixel": (h, w, 3), "rand": (1, 1, 3), "const": None}[mode]
+            values = np.zeros((1, 1, 3)) if shape is None else rng.standard_normal(shape)
+            values = 255.0 * (np.asarray(mean) + np.asarray(std) * values)
+            image = image.copy()
+            image[top : top + h, left : left + w] = np.clip(np.rint(values), 0, 255)
+            return image
+    return image
+
+
 # ---------------------------------------------------------------------------------------------
 # Config -> one callable. Each builder takes its config value and the output size and returns
 # an Op, or None when the value switches the op off.
@@ -180,11 +280,16 @@ def _crop_config(crop_cfg: Any) -> dict[str, tuple[float, float]] | None:
     crop = _as_dict(crop_cfg) or {}
     scale = tuple(crop.pop("scale", (0.08, 1.0)))
     ratio = tuple(crop.pop("ratio", (3 / 4, 4 / 3)))
+    interpolation = crop.pop("interpolation", "bilinear")
     if crop:
         raise ValueError(f"augment.random_resized_crop: unknown keys {sorted(crop)}")
     if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
         raise ValueError(f"augment.random_resized_crop: bad scale {scale} or ratio {ratio}")
-    return dict(scale=scale, ratio=ratio)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"augment.random_resized_crop.interpolation {interpolation!r}; known {INTERPOLATIONS}"
+        )
+    return dict(scale=scale, ratio=ratio, interpolation=interpolation)
 
 
 def min_source_side(config: Mapping[str, Any] | None, size: int) -> int:
@@ -207,6 +312,7 @@ def min_source_side(config: Mapping[str, Any] | None, size: int) -> int:
 def _geometry(crop_cfg: Any, flip: Any, size: int) -> Op:
     """Random resized crop (or the whole frame) and a coin-flip mirror, as one resampling pass."""
     crop = _crop_config(crop_cfg)
+    interpolation = "bilinear" if crop is None else crop.pop("interpolation")
 
     def op(image, mask, rng):
         height, width = mask.shape
@@ -216,7 +322,7 @@ def _geometry(crop_cfg: Any, flip: Any, size: int) -> Op:
         mirror = bool(flip) and rng.random() < 0.5
         if not mirror and box == (0, 0, width, height) == (0, 0, size, size):
             return image, mask
-        return resized_crop(image, mask, box, size, flip=mirror)
+        return resized_crop(image, mask, box, size, flip=mirror, interpolation=interpolation)
 
     return op
 
@@ -234,10 +340,37 @@ def _color_jitter(cfg: Any, size: int) -> Op | None:
     return lambda image, mask, rng: (color_jitter(image, rng, **strengths), mask)
 
 
+def _rand_augment(cfg: Any, size: int) -> Op | None:
+    return randaugment.make(cfg) if cfg else None
+
+
+_ERASING_KEYS = {"prob", "mode", "min_area", "max_area", "min_aspect", "mean", "std"}
+
+
+def _random_erasing(cfg: Any, size: int) -> Op | None:
+    if not cfg:
+        return None
+    kwargs = _as_dict(cfg)
+    if kwargs is None:
+        kwargs = dict(prob=float(cfg), mode="pixel")  # a bare probability: timm train.py's mode
+    unknown = set(kwargs) - _ERASING_KEYS
+    if unknown:
+        raise ValueError(f"augment.random_erasing: unknown keys {sorted(unknown)}")
+    if kwargs.get("mode", "const") not in ("const", "rand", "pixel"):
+        raise ValueError(f"augment.random_erasing.mode {kwargs['mode']!r}; known const|rand|pixel")
+    if kwargs.get("prob", 0.5) <= 0:
+        return None
+    return lambda image, mask, rng: (random_erasing(image, rng, **kwargs), mask)
+
+
 # Geometric ops, applied first and together (`_geometry`).
 _GEOMETRY = ("random_resized_crop", "flip")
 # Ops after the geometry, in this order: name -> builder(cfg, size) -> Op | None.
-_OPS: dict[str, Callable[[Any, int], Op | None]] = {"color_jitter": _color_jitter}
+_OPS: dict[str, Callable[[Any, int], Op | None]] = {
+    "color_jitter": _color_jitter,
+    "rand_augment": _rand_augment,
+    "random_erasing": _random_erasing,
+}
 
 
 def register(name: str, make_op: Callable[[Any, int], Op | None]) -> None:
@@ -257,6 +390,11 @@ def make(config: Mapping[str, Any] | None, size: int) -> Op | None:
     unknown = set(config) - set(known)
     if unknown:
         raise ValueError(f"unknown augment ops {sorted(unknown)}; known: {known}")
+    if config.get("color_jitter") and config.get("rand_augment"):
+        raise ValueError(
+            "augment.color_jitter and augment.rand_augment are both on; timm's create_transform "
+            "turns colour jitter off when RandAugment is on: set color_jitter=0"
+        )
     ops = [_geometry(config.get("random_resized_crop"), config.get("flip"), size)]
     ops += [op for name, make_op in _OPS.items() if (op := make_op(config.get(name), size))]
 

@@ -20,14 +20,23 @@ What a `source[i]` of variant v is:
     carry `mixed_next`-style names (a known defect), so `source.bg_stems[i]` is None there and the
     `<bgsynset>_<bgnum>` of the name elsewhere.
 
-Two uses: (a) evaluate on any released variant (`variant=...`, the pipeline's variant stays
-"original"); (b) `variant="original"` gives (image, mask) pairs from which the Grain pipeline
-regenerates every variant on the fly. `consistency_report` measures how close (b) comes to (a)
-for the deterministic variants (`bgjax prepare in9 --check`).
+Two uses: (a) score the released files of every variant (`variants_from="released"`, the
+default: `source.variant_input(v)` is the In9Source of v's folder, fed to the pipeline as
+"original"), as the paper's BG-gap is defined on them; (b) `variants_from="regenerated"`: the
+original (image, mask) pairs, from which the Grain pipeline regenerates every variant with
+bgjax's own partners and boxes. `consistency_report` measures how close (b) comes to (a) for
+the deterministic variants (`bgjax prepare in9 --check`). Scoring released files reads no mask:
+without a `fg_mask` folder the source has `has_masks=False` (all-ones masks), which suffices
+unless the model masks or the variants are regenerated (`tasks.require_masks` refuses those).
+
+Rows of every released variant are in the order of their foreground original (class, then the
+original's file name), so row i of each variant is the same foreground (the bucket table needs
+that alignment; `foreground_ids` lets a caller check it).
 
 Config keys (`config.data`): name="in9", root (the bg_challenge folder, or a folder containing
-it), variant="original", box_source="mask" | "only_bg_b", skip_corrupt=False. Only split "val"
-exists. Labels follow the sorted class folders; normalisation is the IN-9 mean/std.
+it), variant="original", variants_from="released" | "regenerated", box_source="mask" |
+"only_bg_b", skip_corrupt=False. Only split "val" exists. Labels follow the sorted class
+folders; normalisation is the IN-9 mean/std.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ SPLITS = ("val",)
 MASK_DIR = "fg_mask"
 DETERMINISTIC_VARIANTS = ("only_bg_b", "only_bg_t", "no_fg", "only_fg")
 BOX_SOURCES = ("mask", "only_bg_b")
+VARIANTS_FROM = ("released", "regenerated")
 # Normalisation of IN-9-trained models (docs/reference.md#in9-normalisation); ImageNet models use
 # DatasetInfo's default.
 MEAN = (0.4717, 0.4499, 0.3837)
@@ -137,7 +147,8 @@ def recover_box(only_bg_b: np.ndarray, mask: np.ndarray, dark: int = 40) -> np.n
 
 
 class In9Source:
-    """One released variant of ImageNet-9 `val` with the foreground masks (see module docstring)."""
+    """One released variant of ImageNet-9 `val`, with the foreground masks when the release has
+    its `fg_mask` folder (see module docstring)."""
 
     def __init__(
         self,
@@ -146,46 +157,64 @@ class In9Source:
         *,
         box_source: str = "mask",
         skip_corrupt: bool = False,
+        variants_from: str = "released",
     ):
         if variant not in variants.VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; released: {variants.VARIANTS}")
         if box_source not in BOX_SOURCES:
             raise ValueError(f"box_source must be one of {BOX_SOURCES}, got {box_source!r}")
+        if variants_from not in VARIANTS_FROM:
+            raise ValueError(
+                f"data.variants_from must be one of {VARIANTS_FROM}, got {variants_from!r}"
+            )
         self.root = resolve_root(root)
-        self.variant, self.box_source = variant, box_source
+        self.variant, self.box_source, self.variants_from = variant, box_source, variants_from
+        self._options = dict(box_source=box_source, skip_corrupt=skip_corrupt)
+        self._variant_sources: dict[str, In9Source] = {}
+        # Released files of every variant are read as they are: no variant is composited here.
+        self.released_variants = variants.VARIANTS if variants_from == "released" else ()
         image_root = files.require_dir(self.root / variant / "val", f"IN-9 variant {variant!r}")
-        mask_root = files.require_dir(self.root / MASK_DIR / "val", "IN-9 foreground masks")
+        mask_root = self.root / MASK_DIR / "val"
+        self.has_masks = mask_root.is_dir()
+        self.masks_hint = f"add the release's {MASK_DIR}/ folder under {self.root}"
         if box_source == "only_bg_b":
+            files.require_dir(mask_root, "IN-9 foreground masks (box_source='only_bg_b')")
             files.require_dir(self.root / "only_bg_b" / "val", "IN-9 only_bg_b (box_source)")
-        images, masks, labels, bg_stems = [], [], [], []
+        rows = []  # (label, foreground file name, path, background stem)
         for label, class_dir in enumerate(CLASS_DIRS):
             class_images = files.list_images(
                 files.require_dir(image_root / class_dir, f"IN-9 class {class_dir!r}")
             )
-            mask_dir = files.require_dir(mask_root / class_dir, f"IN-9 masks of {class_dir!r}")
             for path in class_images:
                 fg, bg = split_mixed_name(path.stem)
-                images.append(path)
-                masks.append(mask_dir / f"{fg}.npy")
-                labels.append(label)
                 # The release's mixed_rand names follow mixed_next's pattern: not a bg identity.
-                bg_stems.append(None if variant == "mixed_rand" else bg)
-        if not images:
+                rows.append(
+                    (label, f"{fg}{path.suffix}", path, None if variant == "mixed_rand" else bg)
+                )
+        if not rows:
             raise ValueError(f"no images under {image_root}")
-        files.require_files(masks, f"foreground masks of IN-9 {variant!r} images")
+        # Foreground order, so row i of every released variant shows the same object.
+        rows.sort(key=lambda row: row[:2])
+        images = [row[2] for row in rows]
+        masks = [mask_root / CLASS_DIRS[row[0]] / f"{Path(row[1]).stem}.npy" for row in rows]
+        if self.has_masks:
+            files.require_files(masks, f"foreground masks of IN-9 {variant!r} images")
         keep, self.skipped = np.arange(len(images)), ()
         if skip_corrupt:
             keep, self.skipped = files.drop_corrupt(images, f"IN-9 {variant}")
         self.images = [images[i] for i in keep]
         self.masks = [masks[i] for i in keep]
-        self.bg_stems = [bg_stems[i] for i in keep]
+        self.bg_stems = [rows[i][3] for i in keep]
+        self.foreground_ids = [f"{CLASS_DIRS[rows[i][0]]}/{Path(rows[i][1]).stem}" for i in keep]
+        # The synset of a file name gives its class (a background stem names its synset too).
+        self._synset_label = {row[1].split("_")[0]: row[0] for row in rows}
         with Image.open(self.images[0]) as first:  # header only; the release is uniform 224 px
             width, height = first.size
         self.info = DatasetInfo(
             name="in9",
             split="val",
             class_names=CLASS_NAMES,
-            labels=np.asarray(labels, np.int32)[keep],
+            labels=np.asarray([row[0] for row in rows], np.int32)[keep],
             image_size=width if width == height else None,
             mean=MEAN,
             std=STD,
@@ -197,13 +226,39 @@ class In9Source:
     def image_file(self, index: int) -> Path:
         return self.images[index]
 
+    def variant_input(self, variant: str) -> tuple[In9Source, str]:
+        """(source, pipeline variant) that gives `variant`: its released folder read as it is,
+        or, with variants_from="regenerated", this source composited by the pipeline."""
+        if self.variants_from == "regenerated":
+            return self, variant
+        if variant == self.variant:
+            return self, "original"
+        if variant not in self._variant_sources:
+            self._variant_sources[variant] = In9Source(self.root, variant, **self._options)
+        return self._variant_sources[variant], "original"
+
+    def background(self, index: int) -> tuple[str | None, int]:
+        """(file of the original whose background a released mixed image shows, its class), or
+        (None, -1) where the release does not say (mixed_rand's names; unmixed variants)."""
+        stem = self.bg_stems[index]
+        if stem is None:
+            return None, -1
+        label = self._synset_label.get(stem.split("_")[0], -1)
+        if label < 0:
+            return None, -1
+        folder = self.root / "original" / "val" / CLASS_DIRS[label]
+        return str(folder / f"{stem}{self.images[index].suffix}"), label
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         image = files.read_rgb(self.images[index])
-        mask = files.read_npy_mask(self.masks[index])
-        files.check_same_size(mask, image, str(self.masks[index]), str(self.images[index]))
-        if not mask.any():
-            raise ValueError(f"mask {self.masks[index]} has no foreground pixel")
+        if self.has_masks:
+            mask = files.read_npy_mask(self.masks[index])
+            files.check_same_size(mask, image, str(self.masks[index]), str(self.images[index]))
+            if not mask.any():
+                raise ValueError(f"mask {self.masks[index]} has no foreground pixel")
+        else:  # released files need no mask; `require_masks` refuses the uses that do
+            mask = np.ones(image.shape[:2], np.uint8)
         if self.box_source == "only_bg_b":
             bbox = recover_box(files.read_rgb(self._only_bg_b_file(index)), mask)
         else:
@@ -233,6 +288,7 @@ def make_source(config: Any, split: str) -> In9Source:
         config.get("variant", "original") or "original",
         box_source=config.get("box_source", "mask"),
         skip_corrupt=bool(config.get("skip_corrupt", False)),
+        variants_from=config.get("variants_from", "released") or "released",
     )
 
 
@@ -254,7 +310,7 @@ def consistency_report(
     (from the pooled MSE), the fraction of pixels whose largest channel difference is within
     `tolerance` (JPEG noise), the count compared and the count whose released file is missing.
     """
-    source = In9Source(root, "original", box_source=box_source)
+    source = In9Source(root, "original", box_source=box_source, variants_from="regenerated")
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(n, len(source)), replace=False)
     sums = {v: dict(abs=0.0, sq=0.0, within=0.0, pixels=0, n=0, missing=0) for v in variant_names}

@@ -7,6 +7,7 @@ A plain Grain chain over a random-access source (see `bgjax.data`):
       .random_map(Composite)                             the IN-9 variant (or a mixture of them)
       [.random_map(Augment)]                             train only: image and mask move together
       .map(Finish)                                       resize to image_size, fix dtypes
+                                                         (eval: by the `EvalResize` rule)
       [process_index::process_count]                     this process's shard (+ eval padding)
       .batch(local_batch_size)
       .to_iter_dataset(ReadOptions) [.mp_prefetch(...)]
@@ -34,6 +35,7 @@ marks them parsed, leaving every flag at its default.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -120,16 +122,21 @@ class Composite(grain.transforms.RandomMap):
         if len(self.names) > 1:
             name = self.names[int(np.searchsorted(self.cumulative, rng.random(), side="right"))]
         image, mask = element["image"], element["mask"]
+        bg_index = -1  # the background donor's index (mixed variants), for per-example records
         if name != "original":  # composite("original") would only copy the image
             donor = {}
             if name in variants.MIXED:
-                partner = self.source[self.sampler.sample(name, element["index"], rng)]
+                bg_index = self.sampler.sample(name, element["index"], rng)
+                partner = self.source[bg_index]
                 donor = dict(
                     bg_image=partner["image"], bg_mask=partner["mask"], bg_bbox=partner["bbox"]
                 )
             image = variants.composite(name, image, mask, bbox=element["bbox"], **donor)
             mask = variants.composite_mask(name, mask)
-        return dict(image=image, mask=mask, label=element["label"], habitat=element["habitat"])
+        return dict(
+            image=image, mask=mask, label=element["label"], habitat=element["habitat"],
+            bg_index=np.int32(bg_index),
+        )  # fmt: skip
 
 
 class Augment(grain.transforms.RandomMap):
@@ -143,11 +150,52 @@ class Augment(grain.transforms.RandomMap):
         return {**element, "image": image, "mask": mask}
 
 
-class Finish(grain.transforms.Map):
-    """Resizes to image_size when the source's images differ, and fixes the batch dtypes."""
+@dataclasses.dataclass(frozen=True)
+class EvalResize:
+    """How evaluation maps an image to image_size (`augment.eval_resize`): "warp" squashes the
+    whole frame; "resize_crop" is timm's eval transform (shorter side to image_size / crop_pct,
+    centre crop). Read from `config.data` (keys eval_resize, crop_pct, interpolation); the
+    defaults are bgjax's original rule. `asdict()` is what a results file should record."""
 
-    def __init__(self, image_size: int):
+    rule: str = "warp"
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.rule not in augment_lib.EVAL_RESIZE_RULES:
+            raise ValueError(
+                f"data.eval_resize {self.rule!r}; known: {augment_lib.EVAL_RESIZE_RULES}"
+            )
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in augment_lib.INTERPOLATIONS:
+            raise ValueError(
+                f"data.interpolation {self.interpolation!r}; known: {augment_lib.INTERPOLATIONS}"
+            )
+
+    @classmethod
+    def from_config(cls, data_config: Any) -> EvalResize:
+        get = data_config.get
+        return cls(
+            rule=get("eval_resize", cls.rule),
+            crop_pct=float(get("crop_pct", cls.crop_pct)),
+            interpolation=get("interpolation", cls.interpolation),
+        )
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __call__(self, image, mask, size: int):
+        return augment_lib.eval_resize(image, mask, size, **self.asdict())
+
+
+class Finish(grain.transforms.Map):
+    """Resizes to image_size when the source's images differ (by `resize`; training's augment
+    output already has that size), and fixes the batch dtypes."""
+
+    def __init__(self, image_size: int, resize: EvalResize = EvalResize()):
         self.image_size = image_size
+        self.resize = resize
 
     def map(self, element):
         image, mask = element["image"], element["mask"]
@@ -156,12 +204,13 @@ class Finish(grain.transforms.Map):
                 f"an example needs image uint8[H, W, 3] and mask [H, W], got image "
                 f"{image.dtype}{list(image.shape)} and mask {mask.dtype}{list(mask.shape)}"
             )
-        image, mask = augment_lib.resize(image, mask, self.image_size)
+        image, mask = self.resize(image, mask, self.image_size)
         return dict(
             image=np.ascontiguousarray(image, np.uint8),
             mask=np.ascontiguousarray(mask, np.uint8),
             label=np.int32(element["label"]),
             habitat=np.int32(element["habitat"]),
+            bg_index=np.int32(element.get("bg_index", -1)),
             valid=np.True_,
         )
 
@@ -173,6 +222,7 @@ def _padding(count: int, image_size: int) -> grain.MapDataset:
         mask=np.zeros((image_size, image_size), np.uint8),
         label=np.int32(0),
         habitat=np.int32(-1),
+        bg_index=np.int32(-1),
         valid=np.False_,
     )
     return grain.MapDataset.source([row] * count)
@@ -218,6 +268,7 @@ def build(
     train: bool,
     seed: int,
     augment: Any = None,
+    eval_resize: EvalResize | None = None,
     num_epochs: int | None = None,
     worker_count: int = 0,
     pad_to_batch: bool | None = None,
@@ -238,6 +289,9 @@ def build(
       seed: fixes the order, the mixed partners, the variant mixture and the augmentation.
       augment: an augment config (`bgjax.data.augment`), applied when `train` only, so one
         config serves the train and eval builds.
+      eval_resize: the rule that brings evaluation images to image_size (`EvalResize`, e.g.
+        `EvalResize.from_config(config.data)`); None = warp. Training without an augment
+        config always warps, as before.
       worker_count: > 0 runs the chain in that many spawned worker processes (see module doc).
       pad_to_batch: pad the last batch with valid=False rows instead of dropping or shortening
         it; defaults to `not train`. Without it, an eval's last batch may be short and, with
@@ -265,7 +319,7 @@ def build(
     ds = ds.random_map(Composite(source, variant))
     if train and augment:
         ds = ds.random_map(Augment(augment, image_size))
-    ds = ds.map(Finish(image_size))
+    ds = ds.map(Finish(image_size, EvalResize() if train or eval_resize is None else eval_resize))
     drop_remainder = train and not pad
     ds = _shard(ds, index, count, local_batch, image_size, pad=pad, drop_remainder=drop_remainder)
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)

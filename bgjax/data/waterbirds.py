@@ -22,8 +22,15 @@ Two modes, chosen by the config:
       1 - correlation of the landbirds get water, rounded per class; val and test 50/50 per class;
     - each bird gets its own background from the Places pool of its habitat
       (land = bamboo_forest + forest/broadleaf, water = ocean + lake/natural), pools shuffled once;
-    - `source[i]` composites with `variants.alpha_composite` (segmentation / 255 as soft alpha,
-      the background centre-cropped to the bird image's aspect ratio and resized).
+    - `source[i]` is `composite_like_release`: the background fitted to the bird image as the
+      generator does (`places.fit_background`: upscale if smaller, int() centre crop, Lanczos),
+      bird and background weighted by segmentation / 255 and rounded each as the generator
+      does, then (`jpeg_quality`, default 75 = PIL's default, with which the release was saved)
+      encoded and decoded as JPEG; `jpeg_quality=0` keeps the lossless composite.
+    What still differs from the released files: the random draws (the generator's RNGs were not
+    seeded, so the release's split, places and background files come from its metadata.csv
+    only: read the release with `root` to score on exactly those images) and the JPEG encoder
+    (the libjpeg build of the PIL that saves, which may differ by a level here and there).
   mask = segmentation > 0, bbox = CUB's box.
 
 Labels: `label="waterbird"` (2 classes, y; default) or `label="species"` (CUB's 200 classes, as
@@ -33,22 +40,24 @@ metadata alone.
 
 Config keys (`config.data`): name="waterbirds", root | (cub_root, places_root), segmentations
 (CUB's, optional), label="waterbird" | "species", correlation=0.95, val_fraction=0.2, seed=0,
-whole_word_species=False, skip_corrupt=False. Splits: "train", "val", "test".
+whole_word_species=False, skip_corrupt=False, jpeg_quality=75 (generated only).
+Splits: "train", "val", "test".
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from bgjax import variants
 from bgjax.data import DatasetInfo, cub
 from bgjax.data import imagefiles as files
-from bgjax.data.places import WATERBIRDS_HABITATS, PlacesBackgrounds
+from bgjax.data.places import WATERBIRDS_HABITATS, PlacesBackgrounds, fit_background
 
 WATERBIRD_NAMES = ("Albatross", "Auklet", "Cormorant", "Frigatebird", "Fulmar", "Gull", "Jaeger",
                    "Kittiwake", "Pelican", "Puffin", "Tern", "Gadwall", "Grebe", "Mallard",
@@ -93,6 +102,28 @@ def assign_splits_and_places(
     return split, place
 
 
+def composite_like_release(
+    image: np.ndarray, segmentation: np.ndarray, background: np.ndarray, jpeg_quality: int = 75
+) -> np.ndarray:
+    """The Waterbirds image of a bird (uint8 [H, W, 3]) with its CUB segmentation (uint8
+    [H, W], a soft alpha * 255) on a Places `background`, as the group-DRO generator makes it:
+    round(bird * alpha) + round(fitted background * (1 - alpha)), each rounded to uint8 on its
+    own and summed in uint8; then a JPEG round trip at `jpeg_quality` (0: none)."""
+    if segmentation.shape != image.shape[:2]:
+        raise ValueError(
+            f"segmentation {segmentation.shape} does not match the image's H x W {image.shape[:2]}"
+        )
+    alpha = segmentation[..., None] / 255.0
+    bird = np.around(image * alpha).astype(np.uint8)
+    scene = np.around(fit_background(background, *image.shape[:2]) * (1 - alpha)).astype(np.uint8)
+    combined = bird + scene
+    if not jpeg_quality:
+        return combined
+    buffer = io.BytesIO()
+    Image.fromarray(combined).save(buffer, format="JPEG", quality=int(jpeg_quality))
+    return np.array(Image.open(buffer).convert("RGB"))
+
+
 def _split_code(split: str) -> int:
     if split not in SPLITS:
         raise ValueError(f"unknown Waterbirds split {split!r}; known: {SPLITS}")
@@ -106,10 +137,17 @@ def _make_info(
     class_names: tuple[str, ...],
     places: np.ndarray,
     train_rows: np.ndarray,
+    birds: np.ndarray | None = None,
 ) -> DatasetInfo:
-    """Labels/habitats of `rows`, group proportions of `train_rows` (indices into all rows)."""
-    groups = labels[train_rows].astype(np.int64) * 2 + places[train_rows]
-    counts = np.bincount(groups, minlength=2 * len(class_names))
+    """Labels/habitats of `rows`, group proportions of `train_rows` (indices into all rows).
+    `birds` (waterbird or not, all rows), given when the labels are species: the groups stay
+    Waterbirds' four, so species-labelled runs report the usual group accuracies."""
+    group_of = labels if birds is None else birds
+    groups = group_of[train_rows].astype(np.int64) * 2 + places[train_rows]
+    counts = np.bincount(groups, minlength=2 * (len(class_names) if birds is None else 2))
+    extra = {}
+    if birds is not None:
+        extra = dict(group_labels=birds[rows].astype(np.int32), group_label_names=CLASS_NAMES)
     return DatasetInfo(
         name="waterbirds",
         split=split,
@@ -118,6 +156,7 @@ def _make_info(
         habitats=places[rows].astype(np.int32),
         habitat_names=WATERBIRDS_HABITATS,
         train_group_proportions=counts / max(counts.sum(), 1),
+        **extra,
     )
 
 
@@ -184,7 +223,10 @@ class WaterbirdsRelease:
             keep, self.skipped = files.drop_corrupt(self.files, f"Waterbirds {split}")
             rows, self.files = rows[keep], [self.files[k] for k in keep]
         self.rows = rows
-        self.info = _make_info(split, rows, labels, class_names, place, np.flatnonzero(splits == 0))
+        self.info = _make_info(
+            split, rows, labels, class_names, place, np.flatnonzero(splits == 0),
+            birds=y if label == "species" else None,
+        )  # fmt: skip
 
     @staticmethod
     def _read_metadata(path: Path) -> dict[str, list]:
@@ -274,8 +316,12 @@ class WaterbirdsGenerated:
         label: str = "waterbird",
         whole_word_species: bool = False,
         skip_corrupt: bool = False,
+        jpeg_quality: int = 75,
     ):
         code, label = _split_code(split), _check_label(label)
+        if not 0 <= jpeg_quality <= 95:
+            raise ValueError(f"data.jpeg_quality must be 0 (no JPEG) to 95, got {jpeg_quality}")
+        self.jpeg_quality = jpeg_quality
         if not cub_root:
             raise ValueError("generating Waterbirds needs data.cub_root (and data.places_root)")
         self.cub = cub.CubSource(cub_root, "all", segmentations=segmentations)
@@ -296,7 +342,10 @@ class WaterbirdsGenerated:
         self.backgrounds = [backgrounds[r] for r in rows]
         self.has_masks = True
         labels, names = (meta.labels, meta.class_names) if label == "species" else (y, CLASS_NAMES)
-        self.info = _make_info(split, rows, labels, names, place, np.flatnonzero(splits == 0))
+        self.info = _make_info(
+            split, rows, labels, names, place, np.flatnonzero(splits == 0),
+            birds=y if label == "species" else None,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -313,9 +362,8 @@ class WaterbirdsGenerated:
         position = int(self.rows[index])
         image, segmentation = self.cub.load(position)
         background = files.read_rgb(self.backgrounds[index])
-        alpha = segmentation.astype(np.float32) / 255.0
         return dict(
-            image=variants.alpha_composite(image, alpha, background),
+            image=composite_like_release(image, segmentation, background, self.jpeg_quality),
             mask=(segmentation > 0).astype(np.uint8),
             bbox=self.cub.bbox(position, *image.shape[:2]),
             label=self.info.labels[index],
@@ -346,5 +394,6 @@ def make_source(config: Any, split: str):
         val_fraction=float(config.get("val_fraction", 0.2)),
         seed=int(config.get("seed", 0)),
         whole_word_species=bool(config.get("whole_word_species", False)),
+        jpeg_quality=int(config.get("jpeg_quality", 75)),
         **common,
     )

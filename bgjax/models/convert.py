@@ -3,8 +3,10 @@
 Import (timm -> ours):
     bgjax convert --arch convnext_tiny --weights model.safetensors --out ckpt/ [--num_classes 9]
 writes `ckpt/params` (Orbax StandardCheckpointer, the model's nnx.Param state as a plain
-dict) and `ckpt/model.json` ({"arch", "num_classes", "source"}). With a --num_classes that
-differs from the checkpoint's head, the head is freshly initialised.
+dict) and `ckpt/model.json` ({"arch", "num_classes", "source"}, and a ViT's "img_size"). With a
+--num_classes that differs from the checkpoint's head, the head is freshly initialised. A ViT
+is built at the checkpoint's own input size, or at --img_size with its position embedding
+resampled (bicubic, antialiased, as timm loads pretrained weights at another resolution).
 
 Export (ours -> timm):
     bgjax convert --to_timm --weights ckpt/ --out model.safetensors
@@ -38,6 +40,9 @@ _OUT = clflags.string("out", None, "import: output dir; --to_timm: output .safet
 _NUM_CLASSES = clflags.integer(
     "num_classes", None, "classes of the new head (default: the checkpoint's)"
 )
+_IMG_SIZE = clflags.integer(
+    "img_size", None, "ViT input size; pos_embed resampled to it (default: the checkpoint's)"
+)
 _TO_TIMM = clflags.boolean("to_timm", False, "export a bgjax checkpoint dir to timm safetensors")
 
 
@@ -49,6 +54,8 @@ def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, source: st
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
     meta = {"arch": arch, "num_classes": int(model.num_classes), "source": source}
+    if hasattr(model, "img_size"):  # a ViT's parameters fit one grid: rebuild it at that size
+        meta["img_size"] = [int(s) for s in model.img_size]
     with open(os.path.join(out_dir, MODEL_JSON), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -71,12 +78,20 @@ def load(ckpt_dir: str | os.PathLike, **overrides) -> tuple[nnx.Module, dict]:
         nnx.replace_by_pure_dict(state, values)
         nnx.update(model, state)
 
+    if "img_size" in meta:
+        overrides.setdefault("img_size", tuple(meta["img_size"]))
     model = timm_io.create_loaded(meta["arch"], meta["num_classes"], restore, **overrides)
     return model, meta
 
 
-def import_timm_weights(arch: str, weights: str, out_dir: str, num_classes: int | None = None):
-    model = timm_io.from_timm(arch, weights, num_classes=num_classes)
+def import_timm_weights(
+    arch: str,
+    weights: str,
+    out_dir: str,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+):
+    model = timm_io.from_timm(arch, weights, num_classes=num_classes, img_size=img_size)
     save(model, out_dir, arch=arch, source=os.path.abspath(weights))
     return model
 
@@ -107,6 +122,8 @@ def main(argv):
     else:
         if not _ARCH.value:
             raise app.UsageError("--arch is required to import timm weights")
-        model = import_timm_weights(_ARCH.value, _WEIGHTS.value, _OUT.value, _NUM_CLASSES.value)
+        model = import_timm_weights(
+            _ARCH.value, _WEIGHTS.value, _OUT.value, _NUM_CLASSES.value, _IMG_SIZE.value
+        )
         logging.info("wrote %s (%s, %d classes)", _OUT.value, _ARCH.value, model.num_classes)
     print(f"{_OUT.value}: {_count(model):,} parameters")

@@ -178,6 +178,9 @@ class ConvNeXt(nnx.Module):
     `late_pool` ("mean": over all positions, zeros included, as the paper; "masked_mean": over
     foreground positions only).
 
+    patch_size: the stem's stride (timm's `patch_size`; 4 in every released ConvNeXt). A finer
+    stem gives small images a finer feature grid (late masking needs one to outline objects).
+
     kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
     resolved here, once; `dw_impl` ("shifted" | "grouped") overrides the depthwise conv's.
     """
@@ -190,6 +193,7 @@ class ConvNeXt(nnx.Module):
         num_classes: int,
         rngs: nnx.Rngs,
         in_chans: int = 3,
+        patch_size: int = 4,
         conv_mlp: bool = False,
         ls_init_value: float | None = 1e-6,
         drop_rate: float = 0.0,
@@ -228,7 +232,7 @@ class ConvNeXt(nnx.Module):
 
         self.stem = nnx.List(
             [
-                layers.patchify_conv(in_chans, dims[0], 4, dtype, rngs, ops),
+                layers.patchify_conv(in_chans, dims[0], patch_size, dtype, rngs, ops),
                 layers.layer_norm(dims[0], dtype, rngs, ops),
             ]
         )
@@ -283,14 +287,16 @@ class ConvNeXt(nnx.Module):
         features = self.forward_features(x, mask, train=train)
         return self.head(self.pool(features, mask), train=train)
 
+    def head_prefixes(self) -> tuple[tuple[str, ...], ...]:
+        """What the masking paper's code trains afresh: the head (norm + fc); masked after
+        stage 3 also the last stage, which learns to read the masked features."""
+        if self.masking == "late" and self.late_stage < len(self.stages):
+            return (("head",), ("stages", str(len(self.stages) - 1)))
+        return (("head",),)
+
     def frozen_backbone_filter(self):
-        """Parameters trained in frozen-backbone mode: the head; with late masking also the
-        last stage (its downsample norm + conv and its blocks), which learns to read the
-        masked features."""
-        prefixes = [("head",)]
-        if self.masking == "late":
-            prefixes.append(("stages", str(len(self.stages) - 1)))
-        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, tuple(prefixes)))
+        """Parameters trained in frozen-backbone mode: those under `head_prefixes()`."""
+        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, self.head_prefixes()))
 
 
 # name -> timm's architecture arguments (timm's `convnext_*` entry points).

@@ -4,7 +4,7 @@ grid to any grid) and the fixed 2-D sine-cosine table (MoCo v3, MAE, big_vision)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,13 +100,20 @@ def sincos_2d_pos_embed(grid_size: Sequence[int], dim: int, temperature: float =
     return table.astype(np.float32)
 
 
-def fit_pos_embed(model, state_dict: dict, *, antialias: bool = False) -> dict:
+def fit_pos_embed(model, state_dict: Mapping, *, antialias: bool = False) -> dict:
     """A timm state dict whose (square-grid) `pos_embed` is resampled to the grid of `model`
-    (a `vit.VisionTransformer`)."""
+    (a `vit.VisionTransformer`), prefix rows kept. antialias=True is how timm's
+    `checkpoint_filter_fn` loads pretrained weights at another resolution (its default);
+    False matches the model's own on-the-fly resampling (`pos_embed_antialias` False)."""
     if "pos_embed" not in state_dict:
         raise ValueError("state dict has no 'pos_embed' key")
     pos = np.asarray(state_dict["pos_embed"])
-    fitted = resample_pos_embed(
-        pos, model.grid_size, None, model.num_pos_prefix_tokens, antialias=antialias
-    )
+    try:
+        fitted = resample_pos_embed(
+            pos, model.grid_size, None, model.num_pos_prefix_tokens, antialias=antialias
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"pos_embed {pos.shape} cannot be fitted to grid {model.grid_size}: {e}"
+        ) from e
     return {**state_dict, "pos_embed": fitted}

@@ -7,12 +7,17 @@ Our NNX parameter paths are timm's module paths, so the mapping is mechanical:
     norm  scale             <-> weight
 everything else (bias, gamma, cls_token, pos_embed, ...) keeps its name and shape.
 
+A ViT's `pos_embed` learned on another (square) patch grid is resampled to the model's on load,
+as timm's pretrained loading does (`vision_transformer.checkpoint_filter_fn`: bicubic,
+antialiased): DINOv2's 518-px (37x37) table loads into a 224-px (16x16) model.
+
 Weights are read from safetensors, or from `.pth` with `torch.load(weights_only=True)` only:
 nothing here ever unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -22,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from bgjax.models import registry
+from bgjax.models.pos_embed import fit_pos_embed
 
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias")
 
@@ -66,11 +72,14 @@ def load_timm_state_dict(
 
     Raises ValueError naming every missing, unexpected or mis-shaped key. Keys in `skip`
     (e.g. the classifier when the class count changes) may be absent and are left untouched.
+    A ViT's `pos_embed` of another grid is resampled to the model's grid (`fit_pos_embed`).
     """
     state = nnx.state(model, nnx.Param)
     flat = list(nnx.to_flat_state(state))
     ours = {_timm_key(path): (path, var) for path, var in flat}
     given = {k: np.asarray(v) for k, v in state_dict.items() if k not in skip}
+    if _grid_differs(model, given, ours):
+        given = fit_pos_embed(model, given, antialias=True)  # timm's checkpoint_filter_fn
     missing = sorted(set(ours) - set(given) - set(skip))
     unexpected = sorted(set(given) - set(ours))
     wrong = []
@@ -79,9 +88,8 @@ def load_timm_state_dict(
         value = _from_timm(path, given[key])
         if value.shape != var.get_value().shape:
             theirs = given[key].shape
-            wrong.append(
-                f"{key}: checkpoint {theirs}, model expects {_to_timm(path, var.get_value()).shape}"
-            )
+            expects = _to_timm(path, np.empty(var.get_value().shape, np.uint8)).shape
+            wrong.append(f"{key}: checkpoint {theirs}, model expects {expects}")
             continue
         var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     if missing or unexpected or wrong:
@@ -94,6 +102,26 @@ def load_timm_state_dict(
             parts.append(f"mis-shaped keys ({len(wrong)}): {'; '.join(wrong[:20])}")
         raise ValueError("timm state dict does not match the model: " + " | ".join(parts))
     nnx.update(model, state)
+
+
+def _grid_differs(model, given: Mapping[str, np.ndarray], ours: Mapping[str, tuple]) -> bool:
+    """Whether `given` holds a position embedding of another grid than ViT `model`'s."""
+    if "pos_embed" not in given or "pos_embed" not in ours or not hasattr(model, "grid_size"):
+        return False
+    return given["pos_embed"].shape != ours["pos_embed"][1].get_value().shape
+
+
+def checkpoint_img_size(model, state_dict: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
+    """The input size a ViT checkpoint was trained at: the side of its square `pos_embed`
+    grid times `model`'s patch size. None for models without one (ConvNeXt takes any size) and
+    for non-square tables (loading then names the key)."""
+    if "pos_embed" not in state_dict or not hasattr(model, "grid_size"):
+        return None
+    rows = int(np.shape(state_dict["pos_embed"])[1]) - model.num_pos_prefix_tokens
+    side = math.isqrt(max(rows, 0))
+    if side < 1 or side * side != rows:
+        return None
+    return (side * model.patch_size, side * model.patch_size)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -168,16 +196,31 @@ def create_loaded(name: str, num_classes: int, load, **overrides) -> nnx.Module:
     return model
 
 
-def from_timm(name: str, state_dict, num_classes: int | None = None, **overrides):
+def from_timm(
+    name: str,
+    state_dict,
+    num_classes: int | None = None,
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    **overrides,
+):
     """Build model `name` and load a timm state dict (path or mapping) into it.
 
     With `num_classes` different from the checkpoint's head, or a checkpoint without a head,
-    the head is freshly initialised.
+    the head is freshly initialised. A ViT is built at `img_size`, its position embedding
+    resampled from the checkpoint's grid as timm does; without `img_size`, at the checkpoint's
+    own grid (DINOv2: 518 px). Models without a position embedding ignore `img_size`.
     """
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = read_weights(state_dict)
     ckpt_classes = _head_classes(state_dict)
     n = num_classes if num_classes is not None else (ckpt_classes or 1000)
+    # Shapes only: whether `name` is a ViT, its patch size and prefix tokens.
+    probe = nnx.eval_shape(lambda: registry.create(name, num_classes=n, **overrides))
+    if hasattr(probe, "grid_size"):
+        img_size = img_size or checkpoint_img_size(probe, state_dict)
+        if img_size is not None:
+            overrides["img_size"] = img_size
     # A checkpoint without a classifier (or with another class count) gets a fresh head.
     skip = HEAD_KEYS if ckpt_classes != n else ()
     load = lambda model: load_timm_state_dict(model, state_dict, skip=skip)

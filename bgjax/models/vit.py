@@ -43,8 +43,9 @@ from bgjax.models.pos_embed import resample_pos_embed, sincos_2d_pos_embed
 
 MASKING_STRATEGIES = (*masking_lib.MASKING_STRATEGIES, "attn")
 HEAD_POOLS = ("cls", "gap", "cls+gap")
-# The paper's heads: linear on [CLS ‖ mean(patches)] for late masking; timm's CLS otherwise; for
-# "attn" the foreground mean is what makes the logits background-invariant by construction.
+# Default heads: timm's CLS for "none"/"early" (timm classifiers load as they are), CLS ‖ patch
+# mean for "late", the foreground mean for "attn" (background-invariant by construction). The
+# masking paper uses "cls+gap" for every strategy; its configs (cub.py, ...) set it explicitly.
 # "trunc_normal" is timm's N(0, 0.02); "sincos2d" starts from the fixed 2-D sine-cosine table
 # (MoCo v3, MAE, big_vision) and stays trainable: small ViTs trained from scratch learn shape
 # cues about twice as fast with it (bgjax demo), and the parameter tree is timm's either way.
@@ -400,13 +401,18 @@ class VisionTransformer(nnx.Module):
         # The head runs in float32 whatever the compute dtype: it is tiny and feeds the loss.
         return pooled if self.head is None else self.head(pooled)
 
-    def frozen_backbone_filter(self):
-        """Parameters trained in frozen-backbone mode: the head; with late masking also the last
-        block, the final `norm` and `late_norm`, which learn to read the masked tokens."""
+    def head_prefixes(self) -> tuple[tuple[str, ...], ...]:
+        """What the masking paper's code trains afresh: the head; masked before the last block
+        (late_block < -1) also the blocks after the mask, `norm` and `late_norm`."""
         prefixes = [("head",)]
-        if self.masking == "late":
-            prefixes += [("blocks", str(self.depth - 1)), ("norm",), ("late_norm",)]
-        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, tuple(prefixes)))
+        if self.late_norm is not None:
+            after = range(self.depth + self.late_block + 1, self.depth)
+            prefixes += [("blocks", str(i)) for i in after] + [("norm",), ("late_norm",)]
+        return tuple(prefixes)
+
+    def frozen_backbone_filter(self):
+        """Parameters trained in frozen-backbone mode: those under `head_prefixes()`."""
+        return nnx.All(nnx.Param, functools.partial(layers.path_has_prefix, self.head_prefixes()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 
 Each task module has the same parts: `create` (its model), `check_config`, `targets` / `loss` /
 `accuracy` (the train step), `load_init_weights`, one `Evaluator` (used by the trainer's periodic
-evaluation and by `bgjax eval` alike), `log_metrics` and `markdown` / `plot` (the results files).
+evaluation and by `bgjax eval` alike), `log_metrics` / `metric_names` (what the trainer logs) and
+`markdown` / `plot` (the results files).
 Nothing outside this package branches on the task.
 """
 
@@ -24,7 +25,7 @@ from flax import nnx
 
 from bgjax import parallel
 from bgjax.masks import GT
-from bgjax.tasks import classify, segment
+from bgjax.tasks import classify, records, segment
 
 TASKS = {module.NAME: module for module in (classify, segment)}
 # config.model keys the trainer consumes; every other key goes to the model constructor.
@@ -60,13 +61,19 @@ def make_model(
 
 
 def require_masks(
-    source, variants: Sequence[str], config: ml_collections.ConfigDict | None, *, command: str
+    source,
+    variants: Sequence[str],
+    config: ml_collections.ConfigDict | None,
+    *,
+    command: str,
+    released: Sequence[str] = (),
 ) -> None:
     """ValueError, before anything is built or compiled, when `command` (e.g. "bgjax train")
     needs foreground masks that `source` does not have (`source.has_masks` False, e.g. the
     Waterbirds release without data.cub_root, whose masks would be all ones): a masking model
     fed the dataset's masks (mask_source "gt"), a task whose targets are the masks, or a
-    background variant other than "original" (composited from the mask and box)."""
+    background variant other than "original" (composited from the mask and box) that is not
+    read from `released` files (the IN-9 release's folders, at evaluation)."""
     if getattr(source, "has_masks", True):
         return
     needs, remedies = [], [getattr(source, "masks_hint", None) or "use a source that has them"]
@@ -77,7 +84,7 @@ def require_masks(
     elif masking != "none" and mask_source == GT:
         needs.append(f"model.masking={masking!r} with mask_source='gt'")
         remedies.append("or, for masking, set config.mask_source to a trained segmenter workdir")
-    composited = [v for v in variants if v != "original"]
+    composited = [v for v in variants if v != "original" and v not in released]
     if composited:
         needs.append(f"the variants {', '.join(composited)} (only 'original' needs no masks)")
     if needs:
@@ -89,6 +96,29 @@ def require_masks(
         )
 
 
+def check_label_space(config, train_info, eval_info, *, by_index: bool = False) -> None:
+    """ValueError when a run trained on `train_info`'s classes cannot be scored on
+    `eval_info`'s (the task's rule; a task without classes has none)."""
+    check = getattr(get(config), "check_label_space", None)
+    if check is not None:
+        check(train_info, eval_info, by_index=by_index)
+
+
+def check_best_metric(config: ml_collections.ConfigDict, eval_info) -> None:
+    """ValueError, before training, when `config.checkpoint.best_metric` is not a metric the
+    periodic evaluation of `eval_info`'s dataset logs (e.g. a group metric without groups)."""
+    name = config.checkpoint.get("best_metric")
+    if not name:
+        return
+    known = get(config).metric_names(eval_info, tuple(config.eval.variants))
+    if name not in known:
+        raise ValueError(
+            f"checkpoint.best_metric {name!r} is not logged by this run's evaluation (dataset "
+            f"{eval_info.name!r}, {eval_info.split} split, variants {list(config.eval.variants)}"
+            f"); it logs: {', '.join(known[:16])}{' ...' if len(known) > 16 else ''}"
+        )
+
+
 def score(
     run,
     source,
@@ -97,24 +127,28 @@ def score(
     batch_size: int,
     image_size: int,
     with_gt_masks: bool = True,
+    eval_resize=None,
 ) -> dict[str, Any]:
     """The task's evaluation of a restored run (`bgjax.workdir.Restored`) on `source`, by the
     evaluator the trainer uses. A
     classifier whose masks come from a segmenter is also scored with the ground-truth masks,
-    under `gt_masks`, when `with_gt_masks` and the dataset has them."""
+    under `gt_masks`, when `with_gt_masks` and the dataset has them. `eval_resize`: the
+    `pipeline.EvalResize` that brings images to image_size (None: warp)."""
     task = get(run.config)
     graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
     masked = run.config.model.get("masking", "none") != "none"
-    kwargs = dict(batch_size=batch_size, image_size=image_size, seed=run.config.seed)
+    kwargs = dict(
+        batch_size=batch_size, image_size=image_size, seed=run.config.seed, eval_resize=eval_resize
+    )
 
-    def evaluate(mask_source):
+    def evaluate(mask_source, **extra):
         evaluator = task.Evaluator(
             graphdef, run.mesh, num_classes=run.info.num_classes, mean=run.mean, std=run.std,
             masked=masked, mask_source=mask_source,
         )  # fmt: skip
-        return evaluator(params, rest, source, variant_names, **kwargs)
+        return evaluator(params, rest, source, variant_names, **kwargs, **extra)
 
-    results = evaluate(run.mask_source)
+    results = evaluate(run.mask_source, **getattr(task, "SCORE_OPTIONS", {}))
     with_gt_masks = with_gt_masks and getattr(source, "has_masks", True)
     if with_gt_masks and masked and not run.mask_source.is_gt:
         gt = evaluate(None)
@@ -130,17 +164,30 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         f"dataset `{results.get('dataset')}` split `{results.get('split')}`, "
         f"mask source `{results.get('mask_source')}`\n"
     )
+    norm, resize = results.get("normalization"), results.get("eval_resize")
+    if norm:
+        head += f"normalisation mean {norm['mean']} std {norm['std']} ({norm['from']})\n"
+    if resize:
+        head += f"image size {results.get('image_size')} px by `{resize['rule']}`\n"
+    if results.get("variant_sources"):
+        sources = ", ".join(f"{k}: {v}" for k, v in results["variant_sources"].items())
+        head += f"variant images: {sources}\n"
     return "\n".join([head, *get(results.get("task") or classify.NAME).markdown(results)]) + "\n"
 
 
 def write_results(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, str]:
-    """results.json + results.md + variants.png in `out_dir` (main process only)."""
+    """results.json + results.md + variants.png in `out_dir` (main process only), and the
+    per-example rows of `results["records"]` (taken out of results) as `records.parquet`/.csv."""
     out_dir = os.fspath(out_dir)
     paths = {k: os.path.join(out_dir, f) for k, f in (
         ("json", "results.json"), ("md", "results.md"), ("png", "variants.png"))}  # fmt: skip
+    rows = results.pop("records", None) if isinstance(results, dict) else None
     if not parallel.is_main_process():
         return paths
     os.makedirs(out_dir, exist_ok=True)
+    if rows is not None:
+        paths["records"] = records.write(rows, out_dir)
+        results["records_file"] = os.path.basename(paths["records"])
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=2)
     with open(paths["md"], "w") as f:

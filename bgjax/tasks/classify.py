@@ -31,9 +31,12 @@ from flax import nnx
 from bgjax import metrics, parallel, xla_options
 from bgjax.data import pipeline
 from bgjax.masks import MaskSource
+from bgjax.tasks import records
 
 NAME = "classify"
 MASKS_ARE_TARGETS = False
+# What `bgjax eval` (`tasks.score`) asks of the Evaluator beyond the trainer's evaluation.
+SCORE_OPTIONS = dict(with_records=True)
 
 
 def create(name: str, num_classes: int, *, rngs: nnx.Rngs, **overrides) -> nnx.Module:
@@ -71,7 +74,9 @@ def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.A
 
 def mix_batch(key, images, masks, targets, *, mixup_alpha: float, cutmix_alpha: float, switch_prob):
     """timm-style batch mixing with the flipped batch: mixup (blend) or cutmix (paste a box),
-    one lam per batch. Masks follow the pixels (mixup: the union of both foregrounds)."""
+    one lam per batch. Masks follow the pixels (mixup: the union of both foregrounds). Early-
+    masked runs pass images already masked (`bgjax.train`), as the masking paper's code mixes
+    masked images: a pixel in one foreground only is that image at weight lam and the fill."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, masks, targets
     k_switch, k_mix, k_cut, k_box = jax.random.split(key, 4)
@@ -143,6 +148,29 @@ def imagenet_head(model_classes: int, info) -> bool:
     )
 
 
+def check_label_space(train_info, eval_info, *, by_index: bool = False) -> None:
+    """ValueError unless the run's classes are the evaluation data's: same count and names
+    (`by_index`: same count only; a 1000-class ImageNet model maps onto IN-9)."""
+    train, other = tuple(train_info.class_names), tuple(eval_info.class_names)
+    where = f"run trained on {train_info.name!r} ({len(train)} classes)"
+    if len(train) != len(other):
+        if len(train) == 1000 and len(other) == len(metrics.IN9_CLASSES):
+            return  # the one mapping between class counts (`imagenet_head`)
+        raise ValueError(
+            f"{where} cannot be scored on {eval_info.name!r} ({len(other)} classes: "
+            f"{', '.join(other[:4])}{', ...' if len(other) > 4 else ''}): the label spaces "
+            "differ. Evaluate on data labelled with the run's classes (e.g. Waterbirds with "
+            "--config.data.label=species for a CUB run)"
+        )
+    if not by_index and train != other:
+        diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(train, other)) if a != b]
+        raise ValueError(
+            f"{where} cannot be scored on {eval_info.name!r}: class names differ ({len(diff)} "
+            f"of {len(train)}, e.g. {'; '.join(diff[:3])}). Pass --label_map=by_index to "
+            "score class i as class i"
+        )
+
+
 def example_index(num_batches: int, batch_size: int, process_count: int) -> np.ndarray:
     """Example index of every global row: global batch k is the processes' local batches in
     process order, and process p holds examples p, p + P, p + 2P, ... (`pipeline._shard`).
@@ -191,11 +219,15 @@ class Evaluator:
             images, masks = self.mask_source.inputs(
                 batch, self.mean, self.std, mask_params, masked=self.masked
             )
-            pred = jnp.argmax(model(images, masks, train=False), axis=-1).astype(jnp.int32)
-            if table is not None:
+            logits = model(images, masks, train=False).astype(jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)
+            pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            if table is not None:  # an IN-9 class's probability: the sum over its IN-1k classes
                 pred = table[pred]
-            return dict(pred=pred, label=batch["label"], habitat=batch["habitat"],
-                        valid=batch["valid"])  # fmt: skip
+                probs = probs @ jax.nn.one_hot(table, len(metrics.IN9_CLASSES), dtype=probs.dtype)
+            prob = jnp.take_along_axis(probs, batch["label"][:, None], axis=-1)[:, 0]
+            return dict(pred=pred, label=batch["label"], habitat=batch["habitat"], prob=prob,
+                        bg_index=batch["bg_index"], valid=batch["valid"])  # fmt: skip
 
         return jax.jit(
             step,
@@ -205,7 +237,7 @@ class Evaluator:
 
     def predict(
         self, params, rest, source, variant: str, *, batch_size: int, image_size: int, seed: int,
-        mask_params=None,
+        mask_params=None, eval_resize: pipeline.EvalResize | None = None,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         """Per-image `pred`, `label`, `habitat` of `variant`, valid rows only, in example order
         (on several processes too), so row i of every variant is example i's foreground."""
@@ -214,7 +246,7 @@ class Evaluator:
         batch_size = -(-batch_size // self.mesh.size) * self.mesh.size  # never a dropped example
         ds = pipeline.build(
             source, variant=variant, batch_size=batch_size, image_size=image_size, train=False,
-            seed=seed, num_devices=self.mesh.size,
+            seed=seed, num_devices=self.mesh.size, eval_resize=eval_resize,
         )  # fmt: skip
         # Dispatch every batch before fetching any result, so the device never waits on the host.
         batches = (pipeline.to_global(b, self.mesh) for b in ds)
@@ -227,26 +259,46 @@ class Evaluator:
     def __call__(
         self, params, rest, source, variants: Sequence[str], *, batch_size: int,
         image_size: int, seed: int, mask_params=None,
+        eval_resize: pipeline.EvalResize | None = None, with_records: bool = False,
     ) -> dict[str, Any]:  # fmt: skip
-        """`summarize` of every variant of `source`, plus what was scored."""
+        """`summarize` of every variant of `source`, plus what was scored. A source with
+        `variant_input` (the IN-9 release) says where each variant comes from: its released
+        folder or regenerated from `source`. with_records: also the per-example rows, as
+        columns under "records" (`records.write` puts them next to results.json)."""
+        eval_resize = eval_resize or pipeline.EvalResize()
+        inputs = {name: records.variant_input(source, name) for name in variants}
         predictions = {
             name: self.predict(
                 params,
                 rest,
-                source,
-                name,
+                variant_source,
+                as_variant,
                 batch_size=batch_size,
                 image_size=image_size,
                 seed=seed,
                 mask_params=mask_params,
+                eval_resize=eval_resize,
             )  # fmt: skip
-            for name in variants
+            for name, (variant_source, as_variant) in inputs.items()
         }
+        records.check_aligned({name: src for name, (src, _) in inputs.items()})
+        for name, (variant_source, _) in inputs.items():
+            predictions[name].update(records.backgrounds(variant_source, predictions[name]))
         results = summarize(predictions, source.info)
+        # "released": the dataset's own files as they are; "regenerated": composited by bgjax.
+        results["variant_sources"] = {
+            name: "released" if as_variant == "original" else "regenerated"
+            for name, (_, as_variant) in inputs.items()
+        }
+        if with_records:
+            results["records"] = records.columns(
+                predictions, {k: s for k, (s, _) in inputs.items()}
+            )
         results.update(
             num_examples=len(source),
             num_classes=source.info.num_classes,
             image_size=image_size,
+            eval_resize=eval_resize.asdict(),
             imagenet_to_in9=imagenet_head(self.num_classes, source.info),
             variant_seed=seed,
         )
@@ -267,7 +319,7 @@ def summarize(predictions: Mapping[str, Mapping[str, np.ndarray]], info) -> dict
     if original is not None and group_names is not None:
         groups = metrics.group_accuracies(
             original["pred"], original["label"], original["habitat"], group_names,
-            info.num_habitats,
+            info.num_habitats, group_label=info.group_labels,
         )  # fmt: skip
         results["groups"] = groups
         results["worst_group_accuracy"] = metrics.worst_group_accuracy(groups)
@@ -289,12 +341,42 @@ def summarize(predictions: Mapping[str, Mapping[str, np.ndarray]], info) -> dict
         results["buckets"] = metrics.four_buckets(
             hits["original"], hits["mixed_rand"], hits["only_bg_t"]
         )
+    # How often a mixed image is called by its background's class (Xiao et al.'s mixed sets).
+    results["background_class_share"] = {
+        name: metrics.background_class_share(p["pred"], p["bg_label"])
+        for name, p in predictions.items()
+        if name in ("mixed_rand", "mixed_next") and "bg_label" in p
+    } or None
     return results
 
 
 def log_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    """The trainer's logged evaluation metrics: {eval/<variant>/accuracy}."""
-    return {f"eval/{v}/accuracy": r["accuracy"] for v, r in results["variants"].items()}
+    """The trainer's logged evaluation metrics: eval/<variant>/accuracy and, when the dataset
+    has groups, eval/worst_group_accuracy, eval/average_accuracy (train-proportion weighted) and
+    eval/group/<class>/<habitat>/accuracy (`metric_names` lists what can appear)."""
+    logged = {f"eval/{v}/accuracy": r["accuracy"] for v, r in results["variants"].items()}
+    scalars = {
+        "eval/worst_group_accuracy": results.get("worst_group_accuracy"),
+        "eval/average_accuracy": results.get("average_accuracy"),
+    }
+    for name, group in (results.get("groups") or {}).items():
+        scalars[f"eval/group/{name}/accuracy"] = group["accuracy"]
+    # None: a group without evaluation images (then it cannot rank checkpoints either).
+    logged.update({k: v for k, v in scalars.items() if v is not None})
+    return logged
+
+
+def metric_names(info, variants: Sequence[str]) -> tuple[str, ...]:
+    """Every name `log_metrics` logs when `variants` of a dataset with `info` are evaluated
+    (what `checkpoint.best_metric` may name); the group metrics come from "original"."""
+    names = [f"eval/{v}/accuracy" for v in variants]
+    group_names = info.group_names()
+    if "original" in variants and group_names is not None:
+        names.append("eval/worst_group_accuracy")
+        if info.train_group_proportions is not None:
+            names.append("eval/average_accuracy")
+        names += [f"eval/group/{g}/accuracy" for g in group_names]
+    return tuple(names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +418,11 @@ def markdown(results: Mapping[str, Any]) -> list[str]:
         for k, v in results["buckets"].items():
             row = f"| {k} | {v['count']} | {pct(v['fraction'])} | {pct(v['original_accuracy'])} |"
             parts.append(row)
+    if results.get("background_class_share"):
+        parts += ["", "| mixed variant | predicted = background's class (%) | images |"]
+        parts.append("|---|---:|---:|")
+        for k, v in results["background_class_share"].items():
+            parts.append(f"| {k} | {pct(v['share'])} | {v['count']} |")
     return parts
 
 

@@ -105,14 +105,16 @@ class Evaluator:
     def __call__(
         self, params, rest, source, variants: Sequence[str], *, batch_size: int,
         image_size: int, seed: int, mask_params=None,
+        eval_resize: pipeline.EvalResize | None = None,
     ) -> dict[str, Any]:  # fmt: skip
+        eval_resize = eval_resize or pipeline.EvalResize()
         batch_size = -(-batch_size // self.mesh.size) * self.mesh.size  # never a dropped example
         variants, skipped = scorable(variants)
         per_variant = {}
         for variant in variants:
             ds = pipeline.build(
                 source, variant=variant, batch_size=batch_size, image_size=image_size,
-                train=False, seed=seed, num_devices=self.mesh.size,
+                train=False, seed=seed, num_devices=self.mesh.size, eval_resize=eval_resize,
             )  # fmt: skip
             totals = None
             for batch in ds:
@@ -126,6 +128,7 @@ class Evaluator:
             skipped_variants=skipped,
             num_examples=len(source),
             image_size=image_size,
+            eval_resize=eval_resize.asdict(),
             variant_seed=seed,
         )
 
@@ -133,6 +136,11 @@ class Evaluator:
 def log_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     """{eval/<variant>/<fg_iou | bg_iou | miou | pixel_accuracy>}."""
     return {f"eval/{v}/{m}": r[m] for v, r in results["variants"].items() for m in METRICS}
+
+
+def metric_names(info, variants: Sequence[str]) -> tuple[str, ...]:
+    """Every name `log_metrics` logs for `variants` (what `checkpoint.best_metric` may name)."""
+    return tuple(f"eval/{v}/{m}" for v in variants for m in METRICS)
 
 
 def markdown(results: Mapping[str, Any]) -> list[str]:

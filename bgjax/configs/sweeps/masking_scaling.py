@@ -7,9 +7,14 @@ waterbirds_root=/data/waterbird_complete95_forest2water2,weights=/data/timm \
         --workdir /shared/runs/masking_scaling --launch print --cluster slurm > jobs.sh
     bgjax aggregate /shared/runs/masking_scaling
 
-Grid: ConvNeXt T/S/B/L and ViT S/B/L (DINOv2, patch 14, 518 px) x none / early / late masking
-x `seeds` seeds, 21 runs per seed, each with the recipe of cub.py for `mode`
-(finetune | frozen). Ground-truth CUB masks (the paper's segmenter: set config.mask_source).
+Stage 0 trains the foreground segmenter on CUB (segmenter.py:dataset=cub, a ConvNeXt-T encoder,
+224 px; the paper's is a Mask2Former Swin-T) and scores it (foreground IoU) on CUB test and
+Waterbirds test. Stage 1, the grid: ConvNeXt T/S/B/L and ViT S/B/L (DINOv2, patch 14, 518 px)
+x none / early / late masking x `seeds` seeds, 21 runs per seed, each with the recipe of cub.py
+for `mode` (finetune | frozen). Masked runs use the segmenter's predicted masks at training and
+test time, as the paper does ("{root}/segmenter"; the 518-px ViTs get its masks resized);
+`masks=gt` uses CUB's ground-truth masks instead and skips stage 0 (it overstates early
+masking's robustness). With `--launch print --cluster slurm` stage 1 waits for stage 0.
 weights: a folder of timm-format `<model name>.safetensors` (from `bgjax convert`) to start
 from, as the paper does ("" = random init). Waterbirds is read from its release with the CUB
 segmentations for masks (waterbirds_root + cub_root), or generated from CUB + Places
@@ -34,6 +39,7 @@ MODELS = (
     ("vit_l", dict(arch="vit", size="large"), "vit_large_patch14_dinov2"),
 )
 STRATEGIES = ("none", "early", "late")
+SEGMENTER = "segmenter"  # stage 0's run folder
 
 
 def _model_point(name: str, arg: dict, model: str, weights: str) -> dict:
@@ -52,18 +58,26 @@ def get_config(arg=None):
         waterbirds_root="",
         places_root="",
         weights="",
+        masks="pred",
     )
     config_utils.choice("mode", arg.mode, ("finetune", "frozen"))
-    c = ml_collections.ConfigDict()
-    c.base = "cub.py"
-    c.base_arg = f"mode={arg.mode}"
-    c.overrides = ml_collections.ConfigDict()
-    c.overrides.data = dict(root=arg.cub_root)
-    c.axes = [
-        ("model", [_model_point(*m, arg.weights) for m in MODELS]),
-        ("arg.strategy", list(STRATEGIES)),
-        ("seed", list(range(arg.seeds))),
+    config_utils.choice("masks", arg.masks, ("pred", "gt"))
+    predicted = arg.masks == "pred"
+    strategies = [
+        {"name": s, "arg.strategy": s}
+        | ({"mask_source": f"{{root}}/{SEGMENTER}"} if predicted and s != "none" else {})
+        for s in STRATEGIES
     ]
+    classifiers = dict(
+        base="cub.py",
+        base_arg=f"mode={arg.mode}",
+        overrides=dict(data=dict(root=arg.cub_root)),
+        axes=[
+            ("model", [_model_point(*m, arg.weights) for m in MODELS]),
+            ("strategy", strategies),
+            ("seed", list(range(arg.seeds))),
+        ],
+    )
     waterbirds = dict(
         name="waterbirds",
         label="species",
@@ -71,6 +85,22 @@ def get_config(arg=None):
         cub_root=arg.cub_root,
         places_root=arg.places_root,
     )
+    segmenter = dict(
+        name=SEGMENTER,
+        base="segmenter.py",
+        base_arg="dataset=cub,arch=convnext,size=tiny",
+        overrides=dict(data=dict(root=arg.cub_root)),
+        evals=[  # foreground IoU of its masks on the test images the classifiers are scored on
+            dict(name="cub_masks", split="test", variants=["original"]),
+            dict(name="waterbirds_masks", split="test", variants=["original"], data=waterbirds),
+        ],
+    )
+    if arg.weights:
+        segmenter["overrides"]["model"] = dict(
+            init=os.path.join(arg.weights, "convnext_tiny.safetensors")
+        )
+    c = ml_collections.ConfigDict()
+    c.stages = [segmenter, classifiers] if predicted else [classifiers]
     c.evals = [
         dict(name="cub", split="test", variants="all"),
         dict(name="waterbirds", split="test", variants=["original"], data=waterbirds),
