@@ -160,6 +160,11 @@ LEGEND_ENTRY_IN = 1.6  # width of one legend entry: fewer columns on narrow figu
 MARKERS = "os^Dvx"  # per series, so that lines that coincide stay distinguishable
 
 
+def _series_names(panels: Mapping[str, Mapping[str, object]]) -> list[str]:
+    """Every series of the panels, in first-seen order: their colours and markers follow it."""
+    return list(dict.fromkeys(s for series in panels.values() for s in series))
+
+
 def _panel_figure(
     panels: Mapping[str, Mapping[str, object]],
     out_path: str | os.PathLike,
@@ -173,7 +178,7 @@ def _panel_figure(
     against it, and saves."""
     if not panels:
         raise ValueError("a panel figure needs at least one panel")
-    names = list(dict.fromkeys(s for series in panels.values() for s in series))
+    names = _series_names(panels)
     colours = {s: f"C{i % 10}" for i, s in enumerate(names)}
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
@@ -247,7 +252,7 @@ def metric_vs_size(
     of a series at the same x (seeds) are averaged, with min-max error bars. Every panel shares
     the percentage axis: from 0 (or the lowest value, for a negative BG-gap) to 100."""
     lowest = min(y for series in panels.values() for pts in series.values() for _, y in pts)
-    names = list(dict.fromkeys(s for series in panels.values() for s in series))
+    names = _series_names(panels)
     y_range = (min(0.0, 100 * lowest) - 3, 103)
 
     def draw(ax, title, series, colours):

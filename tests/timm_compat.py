@@ -34,12 +34,7 @@ def _tolerate_missing_torchvision_ops():
         return wrapper
 
     def register_fake(*args, **kwargs):
-        try:
-            deco = orig_register_fake(*args, **kwargs)
-        except RuntimeError as e:
-            if "does not exist" not in str(e):
-                raise
-            return lambda f: f
+        deco = _quiet(orig_register_fake)(*args, **kwargs)
         return _quiet(deco) if callable(deco) else deco
 
     torch.library.register_fake = register_fake
