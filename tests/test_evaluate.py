@@ -8,6 +8,7 @@ hand-set predictions for every variant that keeps the foreground, and reading th
 the background's label.
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import safetensors.numpy
 from absl import flags
 from flax import nnx
 
@@ -215,7 +217,8 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
 
     monkeypatch.setattr(models, "from_timm", from_timm)
     monkeypatch.setattr(data_lib, "get_source", lambda config, split: CodedSource())
-    weights = tmp_path / "w.safetensors"
+    weights = tmp_path / "w.safetensors"  # read only for its checksum: from_timm is replaced
+    safetensors.numpy.save_file({"unused": np.zeros(1, np.float32)}, weights)
     r = evaluate.evaluate_pretrained(
         "convnext_tiny", weights, "coded", out_dir=tmp_path / "out", variant_names=("original",),
         overrides={"data.image_size": "16"}, batch_size=8,
@@ -224,6 +227,7 @@ def test_pretrained_model_uses_imagenet_normalisation_and_the_mapping(monkeypatc
     assert loaded == {"name": "convnext_tiny", "weights": str(weights), "img_size": 16}
     assert r["variants"]["original"] == {"accuracy": 9 / 22, "count": 22}  # as the test above
     assert r["pretrained"] == "convnext_tiny" and r["split"] == "test"
+    assert r["init_weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert r["normalization"]["mean"] == list(data_lib.IMAGENET_MEAN)
     assert r["normalization"]["from"] == "ImageNet default (1000-class model)"
     assert json.loads((tmp_path / "out" / "results.json").read_text())["imagenet_to_in9"]
