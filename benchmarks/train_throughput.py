@@ -9,15 +9,21 @@ The step is `bgjax.train.jit_train_step` (AdamW, fp32 parameters, compute in `--
 the trainer's own jitted step (state donated, batch sharded over all mesh axes), on a mesh of
 the first `--devices` devices. Batches are random uint8 images made on the host and sent to
 the devices `--prefetch` steps ahead (double buffering), so host->device copies overlap the
-compute as in training. Attention is `jax.nn.dot_product_attention`, with the cuDNN fused
-kernel on GPUs in bf16 (`--attn-impl auto`).
+compute as in training. Attention is the model's choice (`--attn-impl auto`, the trainer's
+`model.attention`): cuDNN's fused kernel on NVIDIA GPUs in bf16, else XLA's.
 
 Timing: `--repeats` windows of `--steps` steps each, dispatched asynchronously and waited for
-at the end of the window; the median window gives img/s. FLOPs per step come from XLA's cost
-analysis of the compiled step (`tflops`, `mfu`; with remat it counts the recomputation) and,
-for the architectures of docs/reference.md#architecture-gmacs at 224 px, from 6 x forward
-GMACs per image (`tflops_6mac`, `mfu_6mac`: model FLOPs). MFU is against the bf16 dense peak of
-the device kind (table below; none for CPUs).
+at the end of the window; the median window gives img/s.
+
+MFU (`mfu`, the headline) = model FLOPs / (step time x peak x devices), model FLOPs = 6 x
+forward multiply-accumulates per image, counted from the architecture (`forward_macs`: every
+kernel times the positions it is applied at, plus ViT's two attention matmuls) at this image
+size; `tflops` is the same count per second over all devices. Beside it, XLA's cost analysis
+of the compiled step, which is PER DEVICE (an SPMD program is one device's share):
+`xla_tflops_device`, `xla_mfu_device`. It counts remat's recomputation and overcounts the
+grouped depthwise convolution's kernel gradient about C-fold (ConvNeXt), so it is not the
+headline. The peak is the bf16 dense figure of the device kind (table below; `--peak-tflops`
+for another device; none for CPUs).
 """
 
 from __future__ import annotations
@@ -30,31 +36,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # benchmarks/ is not a package: found via sys.path
 
-# Forward GMACs per 224 px image (docs/reference.md#architecture-gmacs); training FLOPs ~ 6 x MACs.
-FORWARD_GMACS_224 = {
-    "convnext_tiny": 4.47,
-    "convnext_small": 8.71,
-    "convnext_base": 15.38,
-    "convnext_large": 34.4,
-    "vit_small_patch16_224": 4.61,
-    "vit_base_patch16_224": 17.58,
-    "vit_large_patch16_224": 61.6,
-}
-# bf16 dense peak TFLOP/s per device, by a substring of the lower-cased `device_kind`; first
-# match wins (so "tpu v5 lite" (v5e) is tested before "tpu v5" (v5p)).
+# bf16 dense (no sparsity) peak TFLOP/s per device, by a substring of the lower-cased
+# `device_kind` (vendor data sheets); first match wins, so the H100 PCIe / NVL parts and
+# "tpu v5 lite" (v5e) come before the plain "h100" (SXM) and "tpu v5" (v5p).
 PEAK_BF16_TFLOPS = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
     ("h100", 989.0),
     ("h200", 989.0),
+    ("b200", 2250.0),
     ("a100", 312.0),
     ("tpu v4", 275.0),
     ("tpu v5 lite", 197.0),
     ("tpu v5e", 197.0),
     ("tpu v5p", 459.0),
     ("tpu v5", 459.0),
+    ("tpu v6 lite", 918.0),
+    ("tpu v6e", 918.0),
 )
 COLUMNS = (
     "arch", "dtype", "remat", "devices", "batch", "img_s", "img_s_device", "cpu_img_s",
-    "step_s", "tflops", "tflops_6mac", "mfu", "mfu_6mac", "compile_s", "loss",
+    "step_s", "tflops", "mfu", "xla_tflops_device", "xla_mfu_device", "compile_s", "loss",
 )  # fmt: skip
 
 
@@ -75,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn"))
     p.add_argument("--dw-impl", default=None, help="ConvNeXt depthwise conv: auto|shifted|grouped")
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--peak-tflops", type=float, default=None, help="per device (default: table)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if min(args.batch, args.steps, args.repeats, args.prefetch) < 1:
@@ -87,29 +90,66 @@ def peak_tflops(device_kind: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in kind), None)
 
 
-def model_flops_per_image(arch: str, size: int) -> float | None:
-    """Training FLOPs per image, 6 x forward MACs, for the reference architectures at 224 px."""
-    gmacs = FORWARD_GMACS_224.get(arch)
-    return None if gmacs is None or size != 224 else 6.0 * gmacs * 1e9
+def forward_macs(model, size: int) -> float | None:
+    """Multiply-accumulates of one `size` px image's forward pass, from the architecture: each
+    conv / linear kernel's size (= its MACs per output position, depthwise included) times the
+    positions it is applied at, plus ViT's q k^T and attention x v. None for other families.
+    Norms, activations and softmax are left out, as fvcore / timm's GMACs leave them out."""
+    from flax import nnx
+
+    from bgjax.models import convnext, vit
+
+    if isinstance(model, vit.VisionTransformer):
+        patches = (size // model.patch_size) ** 2
+        tokens = patches + model.num_prefix_tokens
+        attention = model.depth * 2 * tokens**2 * model.embed_dim
+        positions = {"patch_embed": patches, "blocks": tokens}
+
+        def where(path):
+            return positions.get(path[0], 1)  # the head: once
+    elif isinstance(model, convnext.ConvNeXt):
+        attention = 0
+        stem = model.stem[0].kernel.shape[0]  # the stem's patch size, 4
+
+        def where(path):
+            if path[0] == "stem":
+                return (size // stem) ** 2
+            if path[0] == "stages":
+                return (size // (stem * 2 ** int(path[1]))) ** 2
+            return 1  # the head
+    else:
+        return None
+    kernels = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return float(
+        attention
+        + sum(where(path) * math.prod(v.shape) for path, v in kernels if path[-1] == "kernel")
+    )
 
 
-def attention_impl(args, backend: str) -> str | None:
-    """The ViT attention backend: cuDNN's fused kernel on GPUs in bf16, else XLA's."""
-    if args.attn_impl != "auto":
-        return args.attn_impl
-    return "cudnn" if backend == "gpu" and args.dtype == "bfloat16" else None
+def model_flops_per_image(config) -> float | None:
+    """Training FLOPs per image, 6 x forward MACs (`forward_macs`), of `config.model`."""
+    from flax import nnx
+
+    from bgjax import tasks
+
+    model = nnx.eval_shape(lambda: tasks.make_model(config, config.data.num_classes))
+    macs = forward_macs(model, config.data.image_size)
+    return None if macs is None else 6.0 * macs
 
 
-def build(args, mesh, backend: str):
+def build(args, mesh):
     """(TrainStep, attention implementation used): falls back to XLA attention when the
-    cuDNN kernel does not compile here (old cuDNN, unsupported shape)."""
+    cuDNN kernel the model picks (`model.attention`) does not compile here (old cuDNN)."""
+    from bgjax.models import cpu_kernels
+
     overrides = {}
     if args.dw_impl:
         overrides["dw_impl"] = args.dw_impl
     model_name = common.model_kwargs(args.arch, args.size)["name"]
-    attn = attention_impl(args, backend) if model_name.startswith("vit_") else None
-    if attn:
-        overrides["attn_impl"] = attn
+    attn = None
+    if model_name.startswith("vit_"):
+        overrides["attention"] = args.attn_impl
+        attn = cpu_kernels.resolve_attention(args.attn_impl, args.dtype)
 
     def make(**extra):
         config = common.train_config(
@@ -130,7 +170,7 @@ def build(args, mesh, backend: str):
         if attn != "cudnn" or args.attn_impl == "cudnn":
             raise
         print(f"cuDNN attention unavailable ({type(error).__name__}: {error}); using XLA's")
-        return make(attn_impl=None), None
+        return make(attention="xla"), "xla"
 
 
 def make_mesh(args):
@@ -151,7 +191,7 @@ def run(args) -> dict:
 
     backend = jax.default_backend()
     mesh = make_mesh(args)
-    train_step, attn = build(args, mesh, backend)
+    train_step, attn = build(args, mesh)
     batches = common.device_batches(
         common.host_batches(args.batch, args.size, args.classes), mesh, prefetch=args.prefetch
     )
@@ -177,14 +217,15 @@ def run(args) -> dict:
         raise FloatingPointError(f"non-finite loss {loss} after {args.warmup} + steps")
 
     kind = jax.devices()[0].device_kind
-    peak = peak_tflops(kind)
+    peak = args.peak_tflops or peak_tflops(kind)
     devices = mesh.size
-    model_flops = model_flops_per_image(args.arch, args.size)
+    model_flops = model_flops_per_image(train_step.config)
+    # XLA's count is one device's program: per device, against one device's peak.
     xla_tflops = None if train_step.flops is None else train_step.flops / row["step_s"] / 1e12
     model_tflops = None if model_flops is None else model_flops * row["img_s"] / 1e12
 
-    def mfu(tflops):
-        return None if tflops is None or peak is None else tflops / (peak * devices)
+    def mfu(tflops, per: int):
+        return None if tflops is None or peak is None else tflops / (peak * per)
 
     row.update(
         arch=args.arch,
@@ -193,14 +234,14 @@ def run(args) -> dict:
         devices=devices,
         batch=args.batch,
         img_s_device=row["img_s"] / devices,
-        tflops=xla_tflops,
-        tflops_6mac=model_tflops,
-        mfu=mfu(xla_tflops),
-        mfu_6mac=mfu(model_tflops),
+        tflops=model_tflops,
+        mfu=mfu(model_tflops, devices),
+        xla_tflops_device=xla_tflops,
+        xla_mfu_device=mfu(xla_tflops, 1),
         compile_s=train_step.compile_s,
         loss=loss,
-        flops_step_xla=train_step.flops,
-        flops_step_6mac=None if model_flops is None else model_flops * args.batch,
+        flops_step_model=None if model_flops is None else model_flops * args.batch,
+        flops_step_xla_device=train_step.flops,
         attn_impl=attn,
     )
     return dict(
@@ -217,8 +258,8 @@ def report(result: dict) -> str:
     peak = result["peak_tflops_per_device"]
     peak_text = f"{peak:g} TFLOP/s bf16 dense per device" if peak else "none known (MFU n/a)"
     flops = (
-        f"FLOPs/step: XLA cost analysis {common.fmt(row['flops_step_xla'])}, "
-        f"6 x forward MACs {common.fmt(row['flops_step_6mac'])}"
+        f"FLOPs/step: model (6 x forward MACs, all devices) {common.fmt(row['flops_step_model'])}"
+        f", XLA cost analysis per device {common.fmt(row['flops_step_xla_device'])}"
     )
     return (
         f"### train throughput: {a['arch']} {a['dtype']} remat={a['remat']} "

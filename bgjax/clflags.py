@@ -89,6 +89,39 @@ def string_list(name: str, default: list[str] | None, help_: str):
     return _define(flags.DEFINE_list, "list", name, default, help_)
 
 
+class _StepParser(flags.ArgumentParser):
+    """A checkpoint step: N, "best" (by the run's checkpoint.best_metric) or "latest" (None)."""
+
+    def parse(self, argument):
+        if argument is None or isinstance(argument, int):
+            return argument
+        text = str(argument).strip().lower()
+        if text in ("best", "latest"):
+            return "best" if text == "best" else None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(
+                f"expected a step number, 'best' or 'latest', got {argument!r}"
+            ) from None
+
+    def flag_type(self):
+        return "step"
+
+
+def checkpoint_step(
+    name: str = "step", help_: str = "Checkpoint step: N, best or latest (default: the latest)."
+):
+    """`--step N | best | latest`; the value is an int, "best" or None (latest)."""
+
+    def define(name, default, help_):
+        return flags.DEFINE(
+            _StepParser(), name, default, help_, serializer=flags.ArgumentSerializer()
+        )
+
+    return _define(define, "step", name, None, help_)
+
+
 class _ConfigFileParser(flags.ArgumentParser):
     """config_flags' file parser, also taking a packaged config name (`synthetic.py:arg`)."""
 

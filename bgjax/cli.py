@@ -10,14 +10,16 @@ processes need (they read absl flags; see docs/reference.md#grain-workers).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
+import signal
 import sys
 import textwrap
 
 from absl import app
 
-from bgjax import clflags, config_utils, hostmem
+from bgjax import clflags, config_utils, console, hostmem
 
 # command name -> (module, one-line help). Modules are imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,7 +34,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("bgjax.data.prepare", "write a real dataset as TFDS array_record"),
     "sweep": ("bgjax.sweep", "run or print a grid of training runs"),
     "aggregate": ("bgjax.aggregate", "evaluate and tabulate a sweep"),
+    "dfr": ("bgjax.dfr", "re-train a run's last layer on group-balanced held-out data (DFR)"),
 }
+
+
+# Commands whose SIGTERM (a preemption) means "stop cleanly": one that arrives while nothing can
+# be saved (importing, setting up) ends them with a message and exit status 0.
+STOPS_ON_SIGTERM = ("train",)
+
+
+def _stop_on_sigterm(name: str, signum: int, frame) -> None:
+    del signum, frame
+    print(f"bgjax {name}: SIGTERM before training started: nothing to save", file=sys.stderr)
+    raise SystemExit(0)
 
 
 def _usage() -> str:
@@ -151,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         print(command_help(name))
         sys.exit(0)
     hostmem.keep_freed_memory()  # before the command imports JAX and it starts its threads
+    console.quiet_libraries()  # library logs only with --verbosity
+    if name in STOPS_ON_SIGTERM:  # until the trainer watches SIGTERM itself (after imports)
+        signal.signal(signal.SIGTERM, functools.partial(_stop_on_sigterm, name))
     module = importlib.import_module(COMMANDS[name][0])
     # A command may bring its own flags parser (train: clear errors for unknown config keys).
     parser = getattr(module, "flags_parser", app.parse_flags_with_usage)

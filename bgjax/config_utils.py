@@ -9,6 +9,7 @@ A config file defines `get_config(arg=None) -> ConfigDict`; `arg` is the text af
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import json
 import re
@@ -70,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_resize = "warp"
     c.data.crop_pct = 0.875
     c.data.interpolation = "bilinear"
+    # Which examples a training epoch visits (bgjax.data.sampling): "natural", "class_balanced",
+    # "group_balanced"; upweight: example indices repeated `factor` times, from a JSON `file`
+    # or the error set of the run `errors_of` (JTT, bgjax.tasks.jtt).
+    c.data.sampling = "natural"
+    c.data.upweight = ml_collections.ConfigDict(dict(file="", errors_of="", factor=1))
     c.data_workers = 0  # Grain worker processes (0: reader threads in-process)
     c.train_variant = "original"  # str, or {variant: weight}
     c.augment = None  # bgjax.data.augment config, or None
@@ -79,7 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.name = "convnext_atto"
     c.model.masking = "none"
     c.model.frozen_backbone = False
-    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    # Compute dtype; parameters and optimizer state stay float32. "auto": bfloat16 on GPU/TPU,
+    # float32 on the CPU (bgjax.models.cpu_kernels.resolve_dtype).
+    c.model.dtype = "auto"
+    # ViT attention: "auto" (cuDNN's fused kernel on NVIDIA GPUs in bf16, else XLA's), "xla",
+    # "cudnn".
+    c.model.attention = "auto"
     c.model.drop_path_rate = 0.0
     c.model.kernels = "auto"  # op lowerings: "cpu" (XLA:CPU-tuned), "xla", "auto" (by backend)
     c.model.init = ""  # a timm-format .safetensors to start from ("" = random init)
@@ -105,7 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(
         dict(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5)
     )
+    # Group DRO (bgjax.tasks.group_dro): eta > 0 turns it on; adjustment = C of C / sqrt(n_g).
+    c.loss.group_dro = ml_collections.ConfigDict(dict(eta=0.0, adjustment=0.0))
     c.mesh = [("data", -1), ("fsdp", 1)]
+    c.fsdp_min_size = 2**16  # smaller tensors stay replicated on an fsdp mesh (bgjax.parallel)
     c.checkpoint = ml_collections.ConfigDict(
         dict(
             every_steps=100,
@@ -121,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.eval.data = None  # a config.data for the evaluation source; None = config.data
     c.log_every_steps = 10
+    # (first, last): a jax.profiler trace of those steps in workdir/profile (TensorBoard's
+    # profile plugin or Perfetto open it); () = none.
+    c.profile_steps = ()
     c.progress_bar = True
     return c
 
@@ -128,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
 # The smallest models of each family, for tests and smoke runs at 32 px.
 TINY_MODELS = {
     "convnext": dict(name="convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 32)),
+    "resnet": dict(name="resnet18", layers=(1, 1, 1, 1), channels=(8, 16, 16, 32), stem_channels=8),
     "vit": dict(
         name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2
     ),
@@ -150,8 +168,31 @@ def set_tiny(c: ml_collections.ConfigDict, arch: str) -> None:
     c.log_every_steps = 1
 
 
-def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
-    return max(1, round(epochs * num_examples / batch_size))
+# Documented model options of each family, at the models' defaults, so each can be set on the
+# command line (`--config.model.late_stage=4`). head_pool "": the masking strategy's default.
+MODEL_OPTIONS = {
+    "convnext": dict(late_stage=3),
+    "resnet": dict(late_stage=3, freeze_bn=False),
+    "vit": dict(late_block=-1, head_pool=""),
+}
+
+
+def epochs_to_steps(
+    epochs: ml_collections.FieldReference,
+    num_examples: int,
+    batch_size: ml_collections.FieldReference,
+) -> ml_collections.FieldReference:
+    """round(epochs * num_examples / batch_size) as a lazy reference (`c.get_ref("epochs")`,
+    `c.get_ref("batch_size")`): a step count derived from an epoch recipe follows overrides of
+    epochs or batch size made after `get_config` (`--config.batch_size=128` halves it), and an
+    explicit value set on the derived key (`--config.total_steps=500`) replaces the formula."""
+    return (epochs * float(num_examples) / batch_size + 0.5).to_int()
+
+
+def every_nth(total_steps: ml_collections.FieldReference, n: int) -> ml_collections.FieldReference:
+    """ceil(total_steps / n) as a lazy reference: an interval that follows total_steps, >= 1.
+    Call once per key: keys sharing one reference would be overridden together."""
+    return (total_steps + (n - 1)) // n
 
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -232,7 +273,9 @@ def apply_overrides(
     (e.g. "model" when a checkpoint fixes the architecture) are refused. `where` prefixes
     errors.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
+    # A deep copy keeps the config's references, so derived keys follow these overrides too.
+    config = copy.deepcopy(ml_collections.ConfigDict(config))
+    config.unlock()
     prefix = f"{where}: " if where else ""
     for path, value in overrides.items():
         if path.split(".")[0] in frozen:

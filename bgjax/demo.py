@@ -30,12 +30,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from bgjax import aggregate, clflags, config_utils, plots, sweep
+from bgjax import aggregate, clflags, config_utils, plots, sweep, xla_options
 from bgjax import data as data_lib
 from bgjax import findings as findings_lib
 from bgjax import metrics as metrics_lib
@@ -61,8 +60,7 @@ class SourceCache:
 def enable_compilation_cache(directory: str) -> None:
     """JAX's persistent cache, unless the user configured one: identical programs (the same
     model under another training variant, each eval of one model) then compile once."""
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", directory)
+    xla_options.enable_compilation_cache(directory)
 
 
 def jobs(workdir: str, *, quick: bool = False) -> tuple[ml_collections.ConfigDict, list]:

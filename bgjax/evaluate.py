@@ -3,6 +3,7 @@
     bgjax eval --workdir DIR [--step N | --all_steps] [--dataset NAME] [--variants all|a,b]
                [--split test] [--config.key=value ...]
     bgjax eval --pretrained convnext_tiny --weights FILE.safetensors --dataset in9 --out DIR
+    bgjax eval --pretrained efficientnet_b0 --weights FILE.safetensors --dataset in9 --out DIR
 
 Per step it writes `DIR/eval/step_<N>/`: `results.json`, `results.md` and `variants.png`. What
 is computed is the task's (`bgjax.tasks`): for a classifier, accuracy and count per variant,
@@ -23,7 +24,7 @@ import ml_collections
 from absl import app
 from flax import nnx
 
-from bgjax import clflags, config_utils, parallel, tasks, variants
+from bgjax import clflags, config_utils, parallel, tasks, variants, xla_options
 from bgjax import data as data_lib
 from bgjax import workdir as workdir_lib
 from bgjax.data import in9, pipeline
@@ -58,7 +59,7 @@ def evaluate_checkpoint(
         config, workdir_lib.read_info(workdir), source.info, by_index=by_index
     )  # fmt: skip
     run = workdir_lib.restore(workdir, step, overrides=overrides, dataset=dataset)
-    results = dict(run.metadata(), split=split, trained_on=run.info.name)
+    results = dict(run.metadata(), split=split, trained_on=run.info.name, framework="jax")
     results.update(_provenance(config.data, run.mean, run.std, "training dataset", by_index))
     results.update(
         tasks.score(
@@ -89,9 +90,12 @@ def evaluate_pretrained(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """An imported timm model (`models.from_timm`), no workdir. Its input normalisation:
-    `mean`/`std`, else `normalization` ("imagenet" | "in9"), else the weights file's metadata
-    ("mean"/"std"), else ImageNet's for a 1000-class model; another model without any of these
+    """An imported timm model, no workdir: a bgjax family through `models.from_timm`, any
+    other timm model (MobileNet-v3, EfficientNet, DPN...) run by PyTorch behind the same call
+    (`models.torch_timm`); results.json's "framework" says which ("jax" | "torch"). Its input
+    normalisation: `mean`/`std`, else `normalization` ("imagenet" | "in9"), else the weights
+    file's metadata ("mean"/"std"), else for a 1000-class model timm's pretrained config
+    (PyTorch models) or ImageNet's; another model without any of these
     is refused (a 9-class IN-9 model was trained with the IN-9 statistics, not ImageNet's)."""
     from bgjax import models
 
@@ -105,10 +109,17 @@ def evaluate_pretrained(
     tasks.require_masks(
         source, variant_names, None, command="bgjax eval", released=_released(source)
     )
-    model = models.from_timm(name, os.fspath(weights), img_size=config.data.image_size)
+    if name in models.names():
+        model = models.from_timm(name, os.fspath(weights), img_size=config.data.image_size)
+        framework = "jax"
+    else:  # any other timm model, run by PyTorch behind the same call (the parity extra)
+        from bgjax.models.torch_timm import TorchModel
+
+        model, framework = TorchModel.from_weights(name, weights), "torch"
     mean, std, norm_from = pretrained_normalization(
-        weights, model.num_classes, normalization=normalization, mean=mean, std=std
-    )
+        weights, model.num_classes, normalization=normalization, mean=mean, std=std,
+        model_default=getattr(model, "pretrained_normalization", None),
+    )  # fmt: skip
     results = dict(
         step=0,
         dataset=config.data.name,
@@ -117,6 +128,7 @@ def evaluate_pretrained(
         weights=os.fspath(weights),
         init_weights=workdir_lib.weights_provenance(weights),  # the file's sha256
         model=name,
+        framework=framework,
         masking="none",
         mask_source="gt",
         train_variant=None,
@@ -157,8 +169,11 @@ def pretrained_normalization(
     normalization: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    model_default: tuple[Sequence[float], Sequence[float], str] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(mean, std, where they came from) of an imported model (see `evaluate_pretrained`)."""
+    """(mean, std, where they came from) of an imported model (see `evaluate_pretrained`);
+    `model_default` (mean, std, origin), timm's pretrained config of a PyTorch model, replaces
+    ImageNet's default for a 1000-class model (DPN's statistics are not ImageNet's)."""
     if (mean is None) != (std is None):
         raise ValueError("--mean and --std go together: give both (three values each)")
     if mean is not None:
@@ -171,6 +186,8 @@ def pretrained_normalization(
         picked, origin = NORMALIZATIONS[normalization], f"--normalization={normalization}"
     elif (stored := _weights_normalization(weights)) is not None:
         picked, origin = stored, f"metadata of {os.fspath(weights)}"
+    elif num_classes == 1000 and model_default is not None:
+        picked, origin = model_default[:2], model_default[2]
     elif num_classes == 1000:
         picked, origin = NORMALIZATIONS["imagenet"], "ImageNet default (1000-class model)"
     else:
@@ -224,7 +241,7 @@ def _provenance(data_config, mean, std, norm_from: str, by_index: bool) -> dict[
 # Command line
 
 _WORKDIR = clflags.string("workdir", None, "Training workdir to evaluate.")
-_STEP = clflags.integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = clflags.checkpoint_step("step")
 _ALL_STEPS = clflags.boolean("all_steps", False, "Evaluate every saved checkpoint step.")
 _DATASET = clflags.string("dataset", None, "Dataset name (default: the training config's).")
 _VARIANTS = clflags.string("variants", "all", "'all' or a comma-separated list of variants.")
@@ -262,6 +279,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     parallel.initialize_distributed()
+    xla_options.enable_compilation_cache()
     try:
         names = variants.parse(_VARIANTS.value)
         overrides = config_utils.override_flag_values()
@@ -290,7 +308,7 @@ def main(argv: Sequence[str]) -> None:
                 out_dir=out, by_index=_LABEL_MAP.value == "by_index",
             )  # fmt: skip
             print(tasks.results_markdown(results))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:  # ImportError: a missing extra
         print(f"bgjax eval: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -129,9 +129,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # Parameter shardings
 
 
-def fit_spec(spec: P | None, shape: Sequence[int], mesh: Mesh) -> P:
-    """`spec` with every axis the mesh lacks or cannot divide the dim by replaced by None."""
-    if spec is None:
+# Tensors with fewer elements stay replicated under FSDP: gathering them costs a collective's
+# latency for nothing (biases, norms, ConvNeXt's 7x7 depthwise kernels), as in big_vision's
+# and MaxText's FSDP rules.
+FSDP_MIN_SIZE = 2**16
+
+
+def fit_spec(spec: P | None, shape: Sequence[int], mesh: Mesh, min_size: int = 0) -> P:
+    """`spec` with every axis the mesh lacks or cannot divide the dim by replaced by None; a
+    tensor of fewer than `min_size` elements is replicated."""
+    if spec is None or math.prod(shape) < min_size:
         return P()
     fitted = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -145,11 +152,12 @@ def fit_spec(spec: P | None, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-    """NamedShardings for an (abstract) nnx.State, from its partitioning metadata."""
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
+    """NamedShardings for an (abstract) nnx.State, from its partitioning metadata; tensors of
+    fewer than `min_size` elements replicated (config.fsdp_min_size)."""
     specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(
-        lambda x, spec: NamedSharding(mesh, fit_spec(spec, x.shape, mesh)),
+        lambda x, spec: NamedSharding(mesh, fit_spec(spec, x.shape, mesh, min_size)),
         abstract_state,
         specs,
         is_leaf=lambda x: isinstance(x, P),

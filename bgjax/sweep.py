@@ -19,6 +19,9 @@ A sweep config's `get_config(arg)` returns:
     evals      what `bgjax aggregate` evaluates: [{"name", "split", "variants", "data"}], where
                `data` updates config.data for that evaluation (e.g. another dataset).
     resources  Slurm: {nodes, gpus_per_node, cpus_per_gpu, time} of each run (default: 1 GPU)
+    selection  optional: `bgjax aggregate` picks each method's hyperparameters by a validation
+               metric and reports test mean ± std over seeds (`bgjax.aggregate.Selection`:
+               metric "val:worst_group_accuracy", method_axes ("method",), seed_axis "seed")
 
 or, when some runs need others finished first (a segmenter whose masks later runs use),
 
@@ -54,7 +57,7 @@ import ml_collections
 from absl import app, logging
 from etils import epath
 
-from bgjax import clflags, config_utils
+from bgjax import aggregate, clflags, config_utils
 from bgjax import train as train_lib  # defines the trainer's flags first (see clflags)
 from bgjax import workdir as workdir_lib
 
@@ -130,6 +133,8 @@ DEFAULT_RESOURCES = dict(nodes=1, gpus_per_node=1, cpus_per_gpu=12, time="24:00:
 def expand(sweep: ml_collections.ConfigDict, root: str | None = None) -> list[Job]:
     """The jobs of a sweep config, stage by stage, each stage in grid order (the last axis
     varies fastest); "{root}" in a value becomes `root`."""
+    if sweep.get("selection") is not None:  # a mistake shows now, not after the training
+        aggregate.Selection.parse(sweep.selection)
     stages = sweep.get("stages")
     if stages is None:
         return _expand_stage(sweep, 0, sweep.get("evals"), _resources(sweep, {}), root)

@@ -1,5 +1,6 @@
 """A run's train state: a dict pytree of step, params (trainable), rest (frozen params, RNG
-streams), opt_state, rng (key data) and optionally ema (a copy of params), and its layout.
+streams), opt_state, rng (key data), optionally ema (a copy of params) and group_dro_q
+(group DRO's group weights, `bgjax.tasks.group_dro`), and its layout.
 
 `make_setup(config, info, mesh)` gives its shapes and shardings without allocating anything
 (the restore target), and a jitted initialiser. Shared by the trainer and by restoring a run
@@ -21,6 +22,7 @@ from flax import nnx
 
 from bgjax import data as data_lib
 from bgjax import optim, parallel, tasks
+from bgjax.tasks import group_dro
 
 
 def trainable_filter(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
@@ -89,15 +91,17 @@ def make_setup(
         )
         if use_ema:
             state["ema"] = params
+        state.update(group_dro.initial_state(config, info))  # its weights q, when on
         return state
 
     abstract = jax.eval_shape(init)
     repl = parallel.replicated(mesh)
-    params_sh = parallel.state_shardings(abstract["params"], mesh)
+    min_size = config.get("fsdp_min_size", parallel.FSDP_MIN_SIZE)
+    params_sh = parallel.state_shardings(abstract["params"], mesh, min_size)
     shardings = dict(
         step=repl,
         params=params_sh,
-        rest=parallel.state_shardings(abstract["rest"], mesh),
+        rest=parallel.state_shardings(abstract["rest"], mesh, min_size),
         opt_state=parallel.mirror_shardings(
             abstract["opt_state"], abstract["params"], params_sh, mesh
         ),
@@ -105,6 +109,8 @@ def make_setup(
     )
     if use_ema:
         shardings["ema"] = params_sh
+    if group_dro.STATE_KEY in abstract:
+        shardings[group_dro.STATE_KEY] = repl
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
     )

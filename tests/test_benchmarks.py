@@ -44,7 +44,11 @@ def _sane_row(row: dict, batch: int) -> None:
 
 
 def test_peak_table_by_device_kind():
-    assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989  # SXM
+    assert throughput.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert throughput.peak_tflops("NVIDIA H100 NVL") == 835
+    assert throughput.peak_tflops("NVIDIA B200") == 2250
+    assert throughput.peak_tflops("TPU v6 lite") == 918
     assert throughput.peak_tflops("NVIDIA H200") == 989
     assert throughput.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert throughput.peak_tflops("TPU v5 lite") == 197  # v5e, before the "tpu v5" (v5p) entry
@@ -53,10 +57,22 @@ def test_peak_table_by_device_kind():
     assert throughput.peak_tflops("cpu") is None
 
 
-def test_model_flops_are_six_macs_at_224_only():
-    assert throughput.model_flops_per_image("vit_base_patch16_224", 224) == pytest.approx(105.48e9)
-    assert throughput.model_flops_per_image("vit_base_patch16_224", 160) is None
-    assert throughput.model_flops_per_image("tiny_vit", 224) is None
+def _forward_gmacs(arch: str, size: int = 224) -> float:
+    config = common.train_config(arch, batch=1, size=size, num_classes=1000)
+    return throughput.model_flops_per_image(config) / 6e9
+
+
+def test_forward_macs_from_the_architecture():
+    """The kernel-walk count equals the hand formula for ViT-Ti/16 and matches the published
+    GMACs (fvcore, as timm lists them) of ViT-B/16 and ConvNeXt-T at 224 px within 1%."""
+    n, d, h, depth = 197, 192, 4 * 192, 12  # ViT-Ti/16: tokens, width, MLP width, blocks
+    block = n * (d * 3 * d + d * d + 2 * d * h) + 2 * n * n * d
+    hand = depth * block + 196 * (16 * 16 * 3) * d + d * 1000
+    assert _forward_gmacs("vit_tiny_patch16_224") == pytest.approx(hand / 1e9, rel=1e-9)
+    assert _forward_gmacs("vit_base_patch16_224") == pytest.approx(17.58, rel=0.01)
+    assert _forward_gmacs("convnext_tiny") == pytest.approx(4.47, rel=0.01)
+    # Any image size: ViT-B/16 at 160 px has 101 tokens, about half the work.
+    assert 0.45 < _forward_gmacs("vit_base_patch16_224", 160) / 17.58 < 0.55
 
 
 def test_timings_summary_uses_medians():
@@ -82,7 +98,7 @@ def test_scaling_child_replaces_the_device_count(monkeypatch):
 
 def test_unknown_tiny_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="tiny_convnext"):
-        common.model_kwargs("tiny_resnet", 32)
+        common.model_kwargs("tiny_nosuchnet", 32)
 
 
 def test_benchmark_times_the_trainers_jitted_step(monkeypatch):
@@ -113,15 +129,16 @@ def test_benchmark_times_the_trainers_jitted_step(monkeypatch):
 def test_train_throughput_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     args = [*TINY, "--batch", "8", "--dtype", "float32", "--steps", "2", "--repeats", "2"]
-    throughput.main([*args, "--warmup", "1", "--devices", "2", "--json", str(out)])
+    argv = [*args, "--warmup", "1", "--devices", "2", "--peak-tflops", "0.5", "--json", str(out)]
+    throughput.main(argv)  # a CPU has no peak in the table: one is given
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     _sane_row(row, 8)
     assert row["devices"] == 2 and row["img_s_device"] == pytest.approx(row["img_s"] / 2)
-    assert row["flops_step_xla"] > 0 and row["tflops"] > 0
-    assert row["mfu"] is None and result["peak_tflops_per_device"] is None  # CPU: no peak
+    assert row["flops_step_xla_device"] > 0 and row["xla_tflops_device"] > 0
+    _check_mfu(row, 8, devices=2, peak=0.5)
     printed = capsys.readouterr().out
-    assert "| tiny_vit | float32 |" in printed and "MFU n/a" in printed
+    assert "| tiny_vit | float32 |" in printed and "0.5 TFLOP/s" in printed
     with pytest.raises(SystemExit, match="--devices 64"):
         throughput.main([*args, "--devices", "64"])
 
@@ -204,3 +221,64 @@ def test_scaling_over_two_simulated_devices(tmp_path, capsys):
     assert rows[0]["speedup"] == 1.0 and rows[0]["efficiency"] == 1.0
     np.testing.assert_allclose(rows[1]["efficiency"], rows[1]["speedup"] / 2)
     assert "simulated CPU devices" in capsys.readouterr().out
+
+
+def test_mfu_on_one_device(tmp_path):
+    out = tmp_path / "throughput.json"
+    args = [*TINY, "--batch", "4", "--dtype", "float32", "--steps", "1", "--repeats", "1"]
+    throughput.main([*args, "--warmup", "0", "--devices", "1", "--peak-tflops", "0.5",
+                     "--json", str(out)])  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    _check_mfu(row, 4, devices=1, peak=0.5)
+
+
+def _check_mfu(row: dict, batch: int, *, devices: int, peak: float) -> None:
+    """MFU = 6 x forward MACs x images / (step time x peak x devices); XLA's count, one
+    device's program, against one device's peak."""
+    step_flops = 6 * _forward_macs_tiny_vit() * batch
+    assert row["flops_step_model"] == pytest.approx(step_flops)
+    assert row["tflops"] == pytest.approx(step_flops / row["step_s"] / 1e12)
+    assert row["mfu"] == pytest.approx(step_flops / row["step_s"] / (peak * 1e12 * devices))
+    xla_mfu = row["flops_step_xla_device"] / row["step_s"] / (peak * 1e12)
+    assert row["xla_mfu_device"] == pytest.approx(xla_mfu)
+
+
+def _forward_macs_tiny_vit() -> float:
+    """The `tiny_vit` of bgjax.config_utils.TINY_MODELS at 32 px by hand: patch 8 -> 16 patches
+    + CLS, width 16, MLP 64, one block, 1000 classes."""
+    n, d, h = 17, 16, 64
+    return n * (d * 3 * d + d * d + 2 * d * h) + 2 * n * n * d + 16 * (8 * 8 * 3) * d + d * 1000
+
+
+def test_collectives_read_from_hlo_text():
+    collectives = _load("collectives")
+    mesh_line = "x = f32[8]{0} all-reduce(y), replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}"
+    assert collectives.group_size(mesh_line, 8) == 4
+    assert collectives.group_size("replica_groups=[2,4]<=[8]", 8) == 4
+    assert collectives.group_size("replica_groups={{0,1},{2,3}}", 4) == 2
+    hlo = (
+        "%body (p: f32[4]) -> f32[4] {\n"
+        "  %ar = f32[1000]{0} all-reduce(%p), replica_groups=[1,4]<=[4], to_apply=%add\n}\n\n"
+        "ENTRY %main (a: f32[4]) -> f32[4] {\n"
+        '  %w = f32[4] while(%a), condition=%cond, body=%body, backend_config={"known_trip_'
+        'count":{"n":"3"}}\n'
+        "  %ag = bf16[64,32]{1,0} all-gather(%w), replica_groups=[1,4]<=[4], dimensions={0}\n}\n"
+    )
+    found = collectives.collective_bytes(hlo, 4)
+    assert found["all-reduce"]["count"] == found["all-reduce"]["in_loops"] == 3
+    assert found["all-reduce"]["bytes"] == pytest.approx(3 * 2 * 3 / 4 * 4000)
+    assert found["all-gather"] == dict(count=1, in_loops=0, bytes=3 / 4 * 64 * 32 * 2)
+
+
+def test_collectives_tiny_data_parallel_step_moves_the_minimum(tmp_path, capsys):
+    """One fp32 gradient all-reduce per step on a data mesh, grad_accum 2 included: the
+    measured bytes are the ring minimum (plus the few scalar metrics)."""
+    collectives = _load("collectives")
+    out = tmp_path / "collectives.json"
+    argv = [*TINY, "--devices", "4", "--batch", "8", "--grad-accum", "2", "--dtype", "float32"]
+    result = collectives.main([*argv, "--json", str(out)])
+    (row,) = result["rows"]
+    assert row["kind"] == "all-reduce" and row["count_in_loops"] == 0
+    assert row["mbytes_per_device"] == pytest.approx(row["min_mbytes_per_device"], rel=0.01)
+    assert result["flops_step_xla_device"] > 0 and result["flops_step_model_device"] > 0
+    assert "| all-reduce |" in capsys.readouterr().out

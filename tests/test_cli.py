@@ -20,7 +20,10 @@ from absl import flags
 from bgjax import clflags
 from bgjax.cli import COMMANDS
 
+FLAGS_FOR_STEP = flags.FLAGS[clflags.checkpoint_step("step").name]
+
 _CLFLAGS = {"string", "integer", "float_", "boolean", "string_list", "enum", "config_file"}
+_CLFLAGS.add("checkpoint_step")
 # Commands that take `--config.<key>=VALUE`: of their config file or of the run's saved config.
 OVERRIDES = {"train", "sweep", "eval", "saliency", "adversarial"}
 
@@ -137,3 +140,16 @@ def test_command_list_and_unknown_command():
     result = subprocess.run([*cli, "nope"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown command 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "given, parsed", [("best", "best"), ("latest", None), ("12", 12), (" Best ", "best")]
+)
+def test_step_flag_takes_a_number_best_or_latest(given, parsed):
+    parser = FLAGS_FOR_STEP.parser
+    assert parser.parse(given) == parsed
+
+
+def test_step_flag_rejects_other_words():
+    with pytest.raises(ValueError, match="expected a step number, 'best' or 'latest', got 'last'"):
+        FLAGS_FOR_STEP.parser.parse("last")

@@ -54,7 +54,8 @@ def test_auto_resolves_by_backend_and_explicit_choices_stand(monkeypatch):
     for backend in ("gpu", "tpu"):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
         assert cpu_kernels.resolve("auto") == "xla"
-        assert cpu_kernels.ops("auto").attention is jax.nn.dot_product_attention
+        # The kernel set's attention keeps its gradient matmuls in the compute dtype.
+        assert cpu_kernels.ops("auto").attention.func is cpu_kernels.attention_heads_first
         assert cpu_kernels.ops("cpu").name == "cpu"  # forced whatever the backend
 
 

@@ -84,7 +84,7 @@ def score(monkeypatch, tmp_path, root, names=variants.VARIANTS, **kwargs):
     weights = tmp_path / "w.safetensors"  # read only for its checksum: from_timm is replaced
     safetensors.numpy.save_file({"unused": np.zeros(1, np.float32)}, weights)
     return evaluate.evaluate_pretrained(
-        "m", weights, "in9", out_dir=tmp_path / "out", variant_names=names,
+        "convnext_tiny", weights, "in9", out_dir=tmp_path / "out", variant_names=names,
         overrides=overrides, batch_size=8, normalization="in9", **kwargs,
     )  # fmt: skip
 

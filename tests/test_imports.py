@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.demo",
         "bgjax.sweep",
         "bgjax.aggregate",
+        "bgjax.dfr",
         "bgjax.show_variants",
         "bgjax.analysis.*",
         "bgjax.data.prepare",
@@ -43,6 +44,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.clflags",
         "bgjax.xla_options",
         "bgjax.hostmem",
+        "bgjax.console",
+        "bgjax.metric_writer",
         "bgjax.configs.*",  # loaded by file; they import only config_utils and variants
     ),
     ("bgjax.variants", "bgjax"),

@@ -55,7 +55,7 @@ def test_fit_spec_drops_axes_that_do_not_divide_or_do_not_exist():
 def test_state_and_optimizer_shardings_follow_the_metadata():
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 4)])
     params = nnx.state(nnx.eval_shape(lambda: _Tiny(nnx.Rngs(0))), nnx.Param)
-    shardings = parallel.state_shardings(params, mesh)
+    shardings = parallel.state_shardings(params, mesh, min_size=0)
     assert shardings["fc"]["kernel"].value.spec == P(None, "fsdp")
     assert shardings["proj"]["kernel"].value.spec == P()  # 6 rows cannot split 4 ways
     assert shardings["head"]["kernel"].value.spec == P()

@@ -303,3 +303,14 @@ def test_variants_without_the_foreground_have_an_empty_mask(variant):
     has_fg = r["mask"][r["valid"]].reshape(int(r["valid"].sum()), -1).any(axis=1)
     assert len(has_fg) == 12
     assert not has_fg.any() if variant in variants.NO_FOREGROUND else has_fg.all()
+
+
+def test_load_examples_resizes_as_evaluation_does():
+    """Analyses (saliency, adversarial) see what `bgjax eval` scores: the eval resize rule."""
+    source = FlatSource(6, size=24)  # foreground: the central half of each side
+    crop = pipeline.EvalResize(rule="resize_crop", crop_pct=0.5)  # keeps the central half
+    warped = pipeline.load_examples(source, "original", image_size=16, seed=0)
+    cropped = pipeline.load_examples(source, "original", image_size=16, seed=0, eval_resize=crop)
+    assert warped["mask"].mean() == pytest.approx(0.25) and cropped["mask"].mean() == 1.0
+    evaluated = rows(batches(build(source, eval_resize=crop)))
+    np.testing.assert_array_equal(cropped["image"], evaluated["image"][evaluated["valid"]])

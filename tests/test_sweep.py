@@ -85,8 +85,8 @@ def test_local_launch_trains_then_skips(swept):
 def test_changed_grid_is_refused(swept):
     root, runs, _, _ = swept
     config = runs[0].config()
-    config.optimizer.lr = 0.5
-    with pytest.raises(ValueError, match="another config"):
+    config.optimizer.wd = 0.5  # the recipe (optimizer.lr would be safe on resume)
+    with pytest.raises(ValueError, match=r"another config \(optimizer.wd: 0.05 -> 0.5\)"):
         workdir_lib.check_same_config(Path(root) / runs[0].name, config)
 
 

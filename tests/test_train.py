@@ -79,7 +79,8 @@ def single_device_run():
 )
 def test_meshes_and_accumulation_match_one_device(single_device_run, mesh_axes, grad_accum):
     ref_losses, ref_params, _ = single_device_run
-    config = _tiny_config(**{"optimizer.grad_accum": grad_accum})
+    # fsdp_min_size 0: the tiny model's tensors are all below the default threshold.
+    config = _tiny_config(**{"optimizer.grad_accum": grad_accum, "fsdp_min_size": 0})
     mesh = parallel.make_mesh(mesh_axes)
     losses, params, setup = _run_steps(config, mesh)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-6)

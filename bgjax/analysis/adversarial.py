@@ -341,7 +341,11 @@ def analyze(
         )
     split = split or data_lib.default_split(config.data.name)
     source = data_lib.get_source(config.data, split)
-    load = dict(image_size=config.data.image_size, seed=config.seed)
+    load = dict(
+        image_size=config.data.image_size,
+        seed=config.seed,
+        eval_resize=pipeline.EvalResize.from_config(config.data),  # as `bgjax eval` scores
+    )
     fg = pipeline.load_examples(source, "original", limit=max_foregrounds, **load)
     backgrounds = pipeline.load_examples(source, "only_bg_t", **load)["image"]
     mesh = restored.mesh
@@ -382,7 +386,7 @@ def analyze(
 
 
 _WORKDIR = clflags.string("workdir", None, "Training workdir.")
-_STEP = clflags.integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = clflags.checkpoint_step("step")
 _MAX_BACKGROUNDS = clflags.integer("max_backgrounds", None, "Backgrounds per foreground (all).")
 _MAX_FOREGROUNDS = clflags.integer("max_foregrounds", None, "Foregrounds searched (all).")
 _SPLIT = clflags.string("split", None, "Split (default: test; in9: val).")

@@ -151,7 +151,7 @@ def compare(
 
 
 _OUT = clflags.string("out", None, "Output folder for compare.md/.json/.png.")
-_STEP = clflags.integer("step", None, "Evaluated step to compare (default: each run's latest).")
+_STEP = clflags.checkpoint_step("step", "Evaluated step to compare (default: each run's latest).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -159,6 +159,8 @@ def main(argv: Sequence[str]) -> None:
     if not workdirs:
         raise app.UsageError("usage: bgjax compare DIR [DIR ...] --out OUT")
     out = _OUT.value or "compare"
+    if _STEP.value == "best":  # runs differ in their best step: evaluate each, then compare
+        raise app.UsageError("--step best is per run: `bgjax eval --step best` each, then compare")
     try:
         print(compare(workdirs, out, _STEP.value))
     except (FileNotFoundError, ValueError) as e:

@@ -258,7 +258,7 @@ def analyze(
     source = data_lib.get_source(config.data, split)
     rows = pipeline.load_examples(
         source, variants.parse(variant)[0], image_size=config.data.image_size,
-        seed=config.seed, limit=n,
+        seed=config.seed, limit=n, eval_resize=pipeline.EvalResize.from_config(config.data),
     )  # fmt: skip
     maps = saliency_maps(
         restored.model, rows["image"], rows["mask"], rows["label"], mesh=restored.mesh,
@@ -285,7 +285,7 @@ def analyze(
 
 
 _WORKDIR = clflags.string("workdir", None, "Training workdir.")
-_STEP = clflags.integer("step", None, "Checkpoint step (default: the latest).")
+_STEP = clflags.checkpoint_step("step")
 _N = clflags.integer("n", 64, "Number of images (the first n of the split).")
 _VARIANT = clflags.string("variant", "original", "Variant the saliency is measured on.")
 _SPLIT = clflags.string("split", None, "Split (default: test; in9: val).")

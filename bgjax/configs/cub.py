@@ -22,8 +22,11 @@ mask before the last stage / block makes retrain, learn at the boosted rate. ViT
 4e-6 with head x1000, wd 0.05, 300 epochs (20 warm-up), cosine to 1e-8, drop-path 0.1, mixup 0.8
 / cutmix 1.0. Frozen: lr 1e-3, wd 1e-2, 90 epochs, cosine to 1e-6. ConvNeXt fine-tune (the
 script's defaults): 224 px, lr 1e-3, wd 0.01, 28 epochs, head x100, cosine to 1e-6, no warm-up,
-no drop-path. The paper starts from ImageNet / DINOv2 weights: set config.model.init (random init
-otherwise). Masks: the CUB ground truth (mask_source="gt"); the paper uses a segmenter's.
+no drop-path. Epochs are the unit: total_steps = epochs x 5,994 / batch_size and warmup_steps
+(optimizer.warmup_epochs) follow --config.epochs / --config.batch_size overrides; checkpoints and
+evaluations come 30 times a run; an explicit --config.total_steps wins. The paper starts from
+ImageNet / DINOv2 weights: set config.model.init (random init otherwise). Masks: the CUB ground
+truth (mask_source="gt"); the paper uses a segmenter's.
 Augmentation (timm's create_transform, mask-aware): PAPER_AUGMENT below; evaluation at 224 px
 resizes the shorter side to 256 (bicubic) and centre-crops 224, at 518 px resizes the whole image.
 README ("the paper's recipe vs configs/cub.py") lists what differs and why.
@@ -78,8 +81,10 @@ def get_config(arg=None):
     c.data.eval_resize = "resize_crop" if c.data.image_size == 224 else "warp"
     c.data.interpolation = "bicubic"
     c.eval.split = "test"  # CUB has no validation split
+    c.data.skip_corrupt = False
     c.model.masking = arg.strategy
     c.model.frozen_backbone = frozen
+    c.model.update(config_utils.MODEL_OPTIONS[arg.arch])
     if arg.arch == "vit":
         c.model.head_pool = "cls+gap"  # the paper's head for every strategy
     c.optimizer.update(wd_params="all", clip_norm=0.0)
@@ -95,19 +100,25 @@ def get_config(arg=None):
     else:
         c.model.name = f"convnext_{arg.size}"
     recipe = _recipe(arg.arch, frozen)
-    steps_per_epoch = CUB_TRAIN_IMAGES / arg.batch_size
+    # The recipe is in epochs: the steps follow --config.batch_size / epochs given later.
     c.batch_size = arg.batch_size
-    c.total_steps = config_utils.steps_for_epochs(recipe["epochs"], CUB_TRAIN_IMAGES, c.batch_size)
+    c.epochs = float(recipe["epochs"])
+    c.optimizer.warmup_epochs = float(recipe["warmup"])
+    batch_size = c.get_ref("batch_size")
+    c.total_steps = config_utils.epochs_to_steps(c.get_ref("epochs"), CUB_TRAIN_IMAGES, batch_size)
+    c.optimizer.warmup_steps = config_utils.epochs_to_steps(
+        c.optimizer.get_ref("warmup_epochs"), CUB_TRAIN_IMAGES, batch_size
+    )
     c.optimizer.update(
         lr=recipe["lr"],
         wd=recipe["wd"],
-        warmup_steps=round(recipe["warmup"] * steps_per_epoch),
         head_lr_mult=recipe["head_lr_mult"],
         min_lr_ratio=recipe["min_lr"] / recipe["lr"],
     )
     c.model.drop_path_rate = recipe["dp"]
     if not frozen and arg.arch == "vit":
         c.loss.mixup_alpha, c.loss.cutmix_alpha = 0.8, 1.0
-    c.checkpoint.every_steps = c.eval.every_steps = max(100, c.total_steps // 30)
+    c.checkpoint.every_steps = config_utils.every_nth(c.get_ref("total_steps"), 30)
+    c.eval.every_steps = config_utils.every_nth(c.get_ref("total_steps"), 30)
     c.checkpoint.best_metric = "eval/original/accuracy"
     return c

@@ -4,7 +4,7 @@
     bgjax train --config in9.py:variant=mixed_rand --workdir runs/in9_mixed_rand \
         --config.data.data_dir=/data/tfds --config.eval.data.root=/data/bg_challenge
 
-arch:     convnext | vit       (ResNet-50 is not in the zoo; ConvNeXt-T / ViT-S/16 stand in)
+arch:     convnext | vit | resnet   (resnet: small ResNet-50, the paper's model; base WRN-50-2)
 size:     tiny (tests) | small | base
 subset:   in9l (every qualifying image) | in9 (the class-balanced subset)
 variant:  the training variant, composited on the fly from (image, mask): original, only_bg_t,
@@ -24,6 +24,8 @@ from bgjax import config_utils, variants
 _MODELS = {
     ("convnext", "small"): dict(name="convnext_tiny", drop_path_rate=0.1),
     ("convnext", "base"): dict(name="convnext_small", drop_path_rate=0.2),
+    ("resnet", "small"): dict(name="resnet50"),
+    ("resnet", "base"): dict(name="wide_resnet50_2"),
     ("vit", "small"): dict(name="vit_small_patch16_224", drop_path_rate=0.1),
     ("vit", "base"): dict(name="vit_base_patch16_224", drop_path_rate=0.2),
 }
@@ -33,7 +35,7 @@ def get_config(arg=None):
     arg = config_utils.parse_arg(
         arg, arch="convnext", size="small", subset="in9l", variant="original", masking="none"
     )
-    config_utils.choice("arch", arg.arch, ("convnext", "vit"))
+    config_utils.choice("arch", arg.arch, ("convnext", "vit", "resnet"))
     config_utils.choice("size", arg.size, ("tiny", "small", "base"))
     config_utils.choice("subset", arg.subset, ("in9l", "in9"))
     config_utils.choice("variant", arg.variant, variants.VARIANTS)
@@ -47,7 +49,7 @@ def get_config(arg=None):
     c.data_workers = 8
     c.train_variant = arg.variant
     c.augment = dict(random_resized_crop=dict(scale=(0.35, 1.0)), flip=True, color_jitter=0.4)
-    c.eval.data = dict(name="in9", root="")  # the bg_challenge release
+    c.eval.data = dict(name="in9", root="", skip_corrupt=False)  # the bg_challenge release
     c.eval.split = "val"
     c.eval.variants = ("original", "mixed_same", "mixed_rand")
     c.checkpoint.best_metric = "eval/original/accuracy"
@@ -58,9 +60,11 @@ def get_config(arg=None):
         c.model.update(_MODELS[(arg.arch, arg.size)])
         c.batch_size = 256
         c.total_steps = 30_000
-        c.optimizer.update(lr=1e-3, wd=0.05, warmup_steps=c.total_steps // 20)
+        c.optimizer.update(lr=1e-3, wd=0.05)
+        c.optimizer.warmup_steps = c.get_ref("total_steps") // 20  # follows --config.total_steps
         c.loss.label_smoothing = 0.1
         c.checkpoint.every_steps = 1000
         c.eval.every_steps = 1000
     c.model.masking = arg.masking
+    c.model.update(config_utils.MODEL_OPTIONS[arg.arch])
     return c

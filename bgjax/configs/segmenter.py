@@ -74,12 +74,13 @@ def _real(c, arg):
     c.model.name = encoders[config_utils.choice("size", arg.size, tuple(encoders))]
     if arg.dataset == "cub":
         # The CUB source binarises the segmentation at > 0 (mask_from="segmentation").
-        c.data.update(name="cub", root="", mask_from="segmentation")
+        c.data.update(name="cub", root="", mask_from="segmentation", skip_corrupt=False)
         c.eval.split = "test"
     else:
         c.data.update(name="in9l", data_dir="", subset="in9")
         c.eval.split = "val"
-        c.eval.data = dict(name="in9", root="", variant="original")  # the released IN-9 masks
+        # the released IN-9 masks
+        c.eval.data = dict(name="in9", root="", variant="original", skip_corrupt=False)
     c.data.image_size = 224
     c.augment = dict(flip=True)
     c.model.decoder_dim, c.model.refine_dim = 128, 32

@@ -14,7 +14,9 @@ label:     waterbird (2 classes, the group-DRO task) | species (CUB's 200 classe
 mode:      finetune | frozen
 
 Recipe: the group-DRO ERM baseline fine-tunes an ImageNet ResNet-50 for 300 epochs; here AdamW,
-warm-up + cosine, 100 epochs at batch 64, ImageNet weights via config.model.init.
+warm-up + cosine, 100 epochs at batch 64, ImageNet weights via config.model.init. total_steps
+follows --config.epochs / --config.batch_size (an explicit --config.total_steps wins); warm-up,
+checkpoints and evaluations follow total_steps.
 Augmentation and evaluation resize are the masking paper's timm recipe (configs/cub.py
 PAPER_AUGMENT; 256 + centre crop 224), so CUB- and Waterbirds-trained runs see the same inputs;
 group DRO's own scripts used a crop of scale (0.7, 1) and a flip, and evaluated a 256 x 256 warp
@@ -66,8 +68,10 @@ def get_config(arg=None):
     c.data.eval_resize = "resize_crop"  # 256 + centre crop 224, as the paper's evaluation
     c.data.interpolation = "bicubic"
     c.eval.split = "val"
+    c.data.skip_corrupt = False
     c.model.masking = arg.strategy
     c.model.frozen_backbone = frozen
+    c.model.update(config_utils.MODEL_OPTIONS[arg.arch])
     if arg.arch == "vit":
         c.model.head_pool = "cls+gap"  # the masking paper's head, for every strategy
     # Both references (group DRO's ERM, the masking paper's code) decay every parameter and
@@ -83,13 +87,17 @@ def get_config(arg=None):
     if arg.arch == "vit":
         c.model.img_size = c.data.image_size  # DINOv2 weights: pos_embed resampled to 224
     c.batch_size = 64
-    epochs = 30 if frozen else 100
-    c.total_steps = config_utils.steps_for_epochs(epochs, WATERBIRDS_TRAIN_IMAGES, c.batch_size)
+    c.epochs = 30.0 if frozen else 100.0  # the unit: total_steps follows epochs and batch_size
+    c.total_steps = config_utils.epochs_to_steps(
+        c.get_ref("epochs"), WATERBIRDS_TRAIN_IMAGES, c.get_ref("batch_size")
+    )
+    total_steps = c.get_ref("total_steps")
     c.optimizer.update(
         lr=1e-3 if frozen else 1e-4,
         wd=1e-2 if frozen else 0.05,
-        warmup_steps=c.total_steps // 20,
         head_lr_mult=1.0 if frozen else 10.0,
     )
-    c.checkpoint.every_steps = c.eval.every_steps = max(100, c.total_steps // 20)
+    c.optimizer.warmup_steps = total_steps // 20
+    c.checkpoint.every_steps = config_utils.every_nth(total_steps, 20)
+    c.eval.every_steps = config_utils.every_nth(total_steps, 20)
     return c

@@ -33,6 +33,11 @@ class CorruptImageError(ValueError):
     """An image or mask file that exists but does not decode."""
 
 
+SKIP_CORRUPT_HINT = (
+    "to leave such files out, set --config.data.skip_corrupt=True (bgjax prepare: --skip_corrupt)"
+)
+
+
 # ----------------------------------------------------------------------------- layout checks
 
 
@@ -103,7 +108,7 @@ def _decode(
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} does not exist") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"corrupt image {what}: {e}") from e
+        raise CorruptImageError(f"corrupt image {what}: {e}; {SKIP_CORRUPT_HINT}") from e
 
 
 def read_rgb(path: str | os.PathLike, min_side: int | None = None) -> np.ndarray:
@@ -152,7 +157,7 @@ def read_npy_mask(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"mask {path} does not exist") from None
     except (OSError, ValueError) as e:
-        raise CorruptImageError(f"corrupt mask {path}: {e}") from e
+        raise CorruptImageError(f"corrupt mask {path}: {e}; {SKIP_CORRUPT_HINT}") from e
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 2:

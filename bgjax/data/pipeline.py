@@ -4,6 +4,8 @@ A plain Grain chain over a random-access source (see `bgjax.data`):
 
     MapDataset.source(source)
       .seed(seed) [.shuffle().repeat(num_epochs)]        train only: reshuffled every epoch
+                                                         (or balanced / upweighted epochs:
+                                                         `sampling.Resampled`)
       .random_map(Composite)                             the IN-9 variant (or a mixture of them)
       [.random_map(Augment)]                             train only: image and mask move together
       .map(Finish)                                       resize to image_size, fix dtypes
@@ -50,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from bgjax import hostmem, variants
 from bgjax.data import augment as augment_lib
+from bgjax.data import sampling as sampling_lib
 
 Variant = str | Mapping[str, float]
 
@@ -270,6 +273,7 @@ def build(
     augment: Any = None,
     eval_resize: EvalResize | None = None,
     num_epochs: int | None = None,
+    sampling: sampling_lib.Sampling | None = None,
     worker_count: int = 0,
     pad_to_batch: bool | None = None,
     process_index: int | None = None,
@@ -292,6 +296,8 @@ def build(
       eval_resize: the rule that brings evaluation images to image_size (`EvalResize`, e.g.
         `EvalResize.from_config(config.data)`); None = warp. Training without an augment
         config always warps, as before.
+      sampling: which examples a training epoch visits (`bgjax.data.sampling`, e.g.
+        `Sampling.from_config(config.data)`); None = each once, reshuffled every epoch.
       worker_count: > 0 runs the chain in that many spawned worker processes (see module doc).
       pad_to_batch: pad the last batch with valid=False rows instead of dropping or shortening
         it; defaults to `not train`. Without it, an eval's last batch may be short and, with
@@ -313,9 +319,12 @@ def build(
         raise ValueError(f"num_epochs={num_epochs} applies to training; evaluation is one pass")
     pad = (not train) if pad_to_batch is None else pad_to_batch
 
+    sampling = sampling or sampling_lib.Sampling()
     ds = grain.MapDataset.source(_Indexed(source)).seed(seed)
-    if train:
+    if train and sampling.natural:
         ds = ds.shuffle().repeat(num_epochs)
+    elif train:
+        ds = sampling.apply(ds, source.info, seed).repeat(num_epochs)
     ds = ds.random_map(Composite(source, variant))
     if train and augment:
         ds = ds.random_map(Augment(augment, image_size))
@@ -372,15 +381,17 @@ def normalize(images: jax.Array, mean: Any, std: Any, dtype: jnp.dtype = jnp.flo
 
 
 def load_examples(
-    source, variant: str, *, image_size: int, seed: int, limit: int | None = None
-) -> dict[str, np.ndarray]:
+    source, variant: str, *, image_size: int, seed: int, limit: int | None = None,
+    eval_resize: EvalResize | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """`image`, `mask`, `label`, `habitat` of the first `limit` (default all) examples of
-    `variant`, in index order, on every process (for analyses that need the whole set)."""
+    `variant`, in index order, on every process (for analyses that need the whole set), brought
+    to image_size by `eval_resize` as evaluation does."""
     limit = len(source) if limit is None else min(limit, len(source))
     batch = min(256, limit)
     ds = build(
         source, variant=variant, batch_size=batch, image_size=image_size, train=False,
-        seed=seed, process_index=0, process_count=1,
+        seed=seed, process_index=0, process_count=1, eval_resize=eval_resize,
     )  # fmt: skip
     rows, have = [], 0
     for b in ds:

@@ -10,14 +10,21 @@ resampled (bicubic, antialiased, as timm loads pretrained weights at another res
 
 Export (ours -> timm):
     bgjax convert --to_timm --weights ckpt/ --out model.safetensors
+    bgjax convert --to_timm --weights runs/vit_late [--step N | --best] --out model.safetensors
 writes timm-named tensors that `timm.create_model(arch, num_classes=N).load_state_dict(...)`
-accepts. `.pth` inputs are read with `torch.load(weights_only=True)` only.
+accepts, from a `bgjax convert` checkpoint dir or a training workdir (its latest step, --best
+by its config's best_metric, or --step N; the weights evaluation uses, EMA if the run kept
+one). `.pth` inputs are read with `torch.load(weights_only=True)` only.
+
+Weights that do not fit the architecture (another model, another width) are refused in one line
+listing the missing, unexpected and mis-shaped keys (`timm_io.load_timm_state_dict`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -25,7 +32,9 @@ import orbax.checkpoint as ocp
 from absl import app, logging
 from flax import nnx
 
+from bgjax import checkpoint as checkpoint_lib
 from bgjax import clflags
+from bgjax import workdir as workdir_lib
 from bgjax.models import timm_io
 
 MODEL_JSON = "model.json"
@@ -43,7 +52,11 @@ _NUM_CLASSES = clflags.integer(
 _IMG_SIZE = clflags.integer(
     "img_size", None, "ViT input size; pos_embed resampled to it (default: the checkpoint's)"
 )
-_TO_TIMM = clflags.boolean("to_timm", False, "export a bgjax checkpoint dir to timm safetensors")
+_TO_TIMM = clflags.boolean(
+    "to_timm", False, "export a bgjax checkpoint dir or training workdir to timm safetensors"
+)
+_STEP = clflags.integer("step", None, "--to_timm from a training workdir: its step N")
+_BEST = clflags.boolean("best", False, "--to_timm from a training workdir: its best step")
 
 
 def save(model: nnx.Module, out_dir: str | os.PathLike, *, arch: str, source: str | None = None):
@@ -71,10 +84,17 @@ def load(ckpt_dir: str | os.PathLike, **overrides) -> tuple[nnx.Module, dict]:
 
     def restore(model):
         state = nnx.state(model, nnx.Param)
+        params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
+        checkpoint_lib.quiet_failed_reads()
         with ocp.StandardCheckpointer() as checkpointer:
-            values = checkpointer.restore(
-                os.path.join(ckpt_dir, PARAMS_DIR), nnx.to_pure_dict(state)
-            )
+            try:
+                values = checkpointer.restore(params_dir, nnx.to_pure_dict(state))
+            except ValueError as error:  # Orbax: a structure or shape mismatch
+                first = (str(error).splitlines() or [""])[0][:300]
+                raise ValueError(
+                    f"{params_dir} does not hold a {meta['arch']!r} model as {MODEL_JSON} "
+                    f"says: {first}"
+                ) from None
         nnx.replace_by_pure_dict(state, values)
         nnx.update(model, state)
 
@@ -96,8 +116,25 @@ def import_timm_weights(
     return model
 
 
-def export_timm_weights(ckpt_dir: str, out_file: str, arch: str | None = None):
-    model, meta = load(ckpt_dir)
+def load_run(workdir: str | os.PathLike, step: int | str | None = None) -> tuple[nnx.Module, dict]:
+    """The model of a training workdir's checkpoint `step` (None: latest; "best"), with a
+    model.json-like description; the weights are those evaluation uses (`workdir.restore`)."""
+    run = workdir_lib.restore(workdir, step)
+    meta = {"arch": run.config.model.name, "num_classes": int(run.model.num_classes)}
+    return run.model, dict(meta, source=os.path.abspath(workdir), step=run.step)
+
+
+def export_timm_weights(
+    ckpt_dir: str, out_file: str, arch: str | None = None, step: int | str | None = None
+):
+    """A `bgjax convert` checkpoint dir or a training workdir (checkpoint `step`: None for the
+    latest, "best", or N) -> timm safetensors."""
+    if workdir_lib.is_run(ckpt_dir):
+        model, meta = load_run(ckpt_dir, step)
+    elif step is not None:
+        raise ValueError(f"--step/--best need a training workdir; {ckpt_dir} has no config.json")
+    else:
+        model, meta = load(ckpt_dir)
     if arch is not None and arch != meta["arch"]:
         raise ValueError(f"--arch {arch!r} but {ckpt_dir} holds a {meta['arch']!r} model")
     if not out_file.endswith(".safetensors"):
@@ -116,14 +153,22 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WEIGHTS.value or not _OUT.value:
         raise app.UsageError("--weights and --out are required")
-    if _TO_TIMM.value:
-        model, meta = export_timm_weights(_WEIGHTS.value, _OUT.value, _ARCH.value)
-        logging.info("wrote %s (%s, %d classes)", _OUT.value, meta["arch"], meta["num_classes"])
-    else:
-        if not _ARCH.value:
-            raise app.UsageError("--arch is required to import timm weights")
-        model = import_timm_weights(
-            _ARCH.value, _WEIGHTS.value, _OUT.value, _NUM_CLASSES.value, _IMG_SIZE.value
-        )
-        logging.info("wrote %s (%s, %d classes)", _OUT.value, _ARCH.value, model.num_classes)
-    print(f"{_OUT.value}: {_count(model):,} parameters")
+    if _BEST.value and _STEP.value is not None:
+        raise app.UsageError("--step and --best exclude each other")
+    try:
+        if _TO_TIMM.value:
+            step = "best" if _BEST.value else _STEP.value
+            model, meta = export_timm_weights(_WEIGHTS.value, _OUT.value, _ARCH.value, step)
+            arch = meta["arch"]
+        else:
+            if not _ARCH.value:
+                raise app.UsageError("--arch is required to import timm weights")
+            model = import_timm_weights(
+                _ARCH.value, _WEIGHTS.value, _OUT.value, _NUM_CLASSES.value, _IMG_SIZE.value
+            )
+            arch = _ARCH.value
+    except (FileNotFoundError, ValueError) as error:
+        print(f"bgjax convert: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    logging.info("wrote %s (%s, %d classes)", _OUT.value, arch, model.num_classes)
+    print(f"{_OUT.value}: {arch}, {_count(model):,} parameters")

@@ -51,7 +51,8 @@ class Mlp(nnx.Module):
         self.ops = ops
 
     def __call__(self, x):
-        return self.fc2(self.ops.gelu(self.fc1(x)))
+        # Pinned to the batch axes: FSDP-sharded fc1 would otherwise shard the hidden features.
+        return self.fc2(layers.constrain_batch(self.ops.gelu(self.fc1(x))))
 
 
 class Block(nnx.Module):
@@ -82,7 +83,7 @@ class Block(nnx.Module):
         )
 
     def __call__(self, x, *, train: bool = False):
-        y = self.mlp(self.norm(self.conv_dw(x)))
+        y = self.mlp(self.norm(layers.constrain_batch(self.conv_dw(x))))
         if self.gamma is not None:
             y = y * self.gamma[...].astype(y.dtype)
         if self.drop_path is not None:
@@ -130,10 +131,10 @@ class Stage(nnx.Module):
 
     def __call__(self, x, *, train: bool = False):
         for layer in self.downsample or ():
-            x = layer(x)
+            x = layers.constrain_batch(layer(x))
         run = nnx.remat(_run_block, static_argnums=(2,)) if self.remat else _run_block
         for block in self.blocks:
-            x = run(block, x, train)
+            x = layers.constrain_batch(run(block, x, train))
         return x
 
 
@@ -220,6 +221,7 @@ class ConvNeXt(nnx.Module):
         if fill.shape != (in_chans,):
             raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
         ops = cpu_kernels.ops(kernels, dw_impl=dw_impl)
+        dtype = cpu_kernels.resolve_dtype(dtype)  # "auto": bf16 on accelerators
 
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -262,7 +264,7 @@ class ConvNeXt(nnx.Module):
             x = masking_lib.early_mask(x, mask, jnp.asarray(self.early_fill_value, x.dtype))
         x = x.astype(self.dtype)
         for layer in self.stem:
-            x = layer(x)
+            x = layers.constrain_batch(layer(x))
         out = {"stem": x}
         for i, stage in enumerate(self.stages):
             x = stage(x, train=train)

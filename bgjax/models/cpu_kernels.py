@@ -4,8 +4,8 @@ Every op a layer computes (`Ops`) has two implementations that give the same val
 order of floating-point sums:
 
     "xla"   the plain JAX ops (`lax.dot_general`, `lax.conv_general_dilated`, a grouped
-            convolution, LayerNorm as nnx computes it, `jax.nn.gelu`,
-            `jax.nn.dot_product_attention`), which accelerators run fast;
+            convolution, LayerNorm as nnx computes it, `jax.nn.gelu`, attention with a
+            gradient whose matmuls stay in the compute dtype), which accelerators run fast;
     "cpu"   rewrites that XLA:CPU runs faster, most with a hand-written gradient; each is
             measured (2-core CPU, batch 16, fwd+bwd) in BENCHMARKS.md;
     "auto"  "cpu" on the CPU backend, "xla" on any other.
@@ -35,6 +35,11 @@ DW_IMPLS = ("auto", "shifted", "grouped")
 # jax.nn.dot_product_attention backends: None keeps the kernel set's attention, "cudnn" is the
 # fused flash kernel on NVIDIA GPUs (bf16/fp16 only).
 ATTN_IMPLS = (None, "xla", "cudnn")
+# config.model.attention / the ViT's `attn_impl`: "auto" resolves by backend and dtype.
+ATTENTION_CHOICES = ("auto", *ATTN_IMPLS)
+# config.model.dtype: "auto" is bf16 compute on accelerators, fp32 on the CPU.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,41 @@ def resolve(kernels: str) -> str:
     if kernels == "auto":
         return "cpu" if jax.default_backend() == "cpu" else "xla"
     return kernels
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """The compute dtype: "auto" -> bfloat16 on GPU / TPU (parameters and optimizer state stay
+    float32), float32 on the CPU (no fast bf16 matmuls there); a dtype name as given."""
+    if isinstance(dtype, str) and dtype not in DTYPE_CHOICES:
+        raise ValueError(
+            f"unknown dtype {dtype!r} (config key model.dtype); expected one of {DTYPE_CHOICES}"
+        )
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
+def _has_cudnn() -> bool:
+    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
+
+
+def resolve_attention(attn_impl: str | None, dtype) -> str | None:
+    """`jax.nn.dot_product_attention`'s implementation, or None for the kernel set's attention:
+    "auto" -> "cudnn" (fused flash attention) on NVIDIA GPUs in bf16/fp16, else None."""
+    if attn_impl not in ATTENTION_CHOICES:
+        raise ValueError(
+            f"unknown attention {attn_impl!r} (config key model.attention); "
+            f"expected one of {ATTENTION_CHOICES}"
+        )
+    half = jnp.dtype(dtype) in _HALF
+    if attn_impl == "auto":
+        return "cudnn" if half and _has_cudnn() else None
+    if attn_impl == "cudnn" and not half:
+        raise ValueError(
+            f"attention 'cudnn' computes in bfloat16/float16, not {jnp.dtype(dtype).name} "
+            "(set model.dtype=bfloat16 or model.attention=auto)"
+        )
+    return attn_impl
 
 
 def ops(kernels: str = "auto", *, dw_impl: str = "auto", attn_impl: str | None = None) -> Ops:
@@ -410,7 +450,9 @@ _OPS = {
         depthwise_conv=depthwise_grouped,
         layer_norm=layer_norm,
         gelu=gelu,
-        attention=jax.nn.dot_product_attention,
+        # Not jax.nn.dot_product_attention's XLA path: its backward multiplies the fp32 logit
+        # gradient by bf16 q / k, i.e. fp32 matmuls in a bf16 step; this one casts it first.
+        attention=functools.partial(attention_heads_first, slices=1),
     ),
     "cpu": Ops(
         name="cpu",
@@ -429,3 +471,4 @@ _ATTENTION = {
     for impl in ATTN_IMPLS
     if impl is not None
 }
+CUDNN_ATTENTION = _ATTENTION["cudnn"]

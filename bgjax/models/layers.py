@@ -2,12 +2,17 @@
 
 `kernel_init`: timm's initialisation with FSDP metadata on one large kernel dim. `layer_norm`,
 `dense`, `patchify_conv`: layers that compute with the model's `cpu_kernels.Ops` (chosen once,
-when the model is built). `path_has_prefix`: the path test of the frozen-backbone filters.
+when the model is built). `constrain_batch`: the activation sharding at block boundaries.
+`path_has_prefix`: the path test of the frozen-backbone filters.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from bgjax.models.cpu_kernels import Ops
 
@@ -84,6 +89,18 @@ def patchify_conv(
         conv_general_dilated=ops.conv,
         rngs=rngs,
     )
+
+
+def constrain_batch(x):
+    """`x` with its batch dim pinned over the mesh axes in context (the train step's), as
+    big_vision and MaxText pin activations at block boundaries: under FSDP the partitioner then
+    gathers weights rather than activations. A no-op outside a mesh context (evaluation, tests),
+    inside shard_map (manual axes) and when the batch does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
 
 
 def path_has_prefix(prefixes: tuple[tuple[str, ...], ...], path, _value) -> bool:

@@ -1,7 +1,8 @@
 """The model registry: `create("convnext_tiny", num_classes=9, masking="early")`.
 
-Each architecture family is one self-contained file (`convnext.py`, `vit.py`) exposing `MODELS`,
-a dict from timm-style name to a constructor `fn(*, num_classes, rngs, **overrides)`.
+Each architecture family is one self-contained file (`convnext.py`, `resnet.py`, `vit.py`)
+exposing `MODELS`, a dict from timm-style name to a constructor
+`fn(*, num_classes, rngs, **overrides)`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from flax import nnx
 
-_FAMILIES = ("bgjax.models.convnext", "bgjax.models.vit")
+_FAMILIES = ("bgjax.models.convnext", "bgjax.models.resnet", "bgjax.models.vit")
 
 
 def _registry() -> dict[str, Any]:

@@ -5,6 +5,9 @@ Our NNX parameter paths are timm's module paths, so the mapping is mechanical:
     conv  kernel HWIO       <-> weight OIHW  (depthwise [7,7,1,C] <-> [C,1,7,7])
     dense kernel [in, out]  <-> weight [out, in]
     norm  scale             <-> weight
+    BatchNorm running statistics (`nnx.BatchStat`) keep timm's names (`running_mean`,
+    `running_var`); torch's `num_batches_tracked` counter is neither read nor written (torch
+    fills it in on load; it matters only for momentum=None, which timm's ResNets do not use)
 everything else (bias, gamma, cls_token, pos_embed, ...) keeps its name and shape.
 
 A ViT's `pos_embed` learned on another (square) patch grid is resampled to the model's on load,
@@ -29,7 +32,10 @@ from flax import nnx
 from bgjax.models import registry
 from bgjax.models.pos_embed import fit_pos_embed
 
-HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias")
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias", "fc.weight", "fc.bias")
+# What a timm state dict holds: parameters and BatchNorm running statistics.
+STORED = nnx.Any(nnx.Param, nnx.BatchStat)
+BN_COUNTER = "num_batches_tracked"
 
 
 def _timm_key(path: tuple) -> str:
@@ -57,8 +63,9 @@ def _from_timm(path: tuple, value: np.ndarray) -> np.ndarray:
 
 
 def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Our parameters as a timm-named, timm-laid-out dict of float32 NumPy arrays."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    """Our parameters (and BN statistics) as a timm-named, timm-laid-out dict of float32
+    NumPy arrays."""
+    flat = nnx.to_flat_state(nnx.state(model, STORED))
     return {
         _timm_key(path): np.ascontiguousarray(_to_timm(path, np.asarray(var.get_value())))
         for path, var in flat
@@ -74,10 +81,14 @@ def load_timm_state_dict(
     (e.g. the classifier when the class count changes) may be absent and are left untouched.
     A ViT's `pos_embed` of another grid is resampled to the model's grid (`fit_pos_embed`).
     """
-    state = nnx.state(model, nnx.Param)
+    state = nnx.state(model, STORED)
     flat = list(nnx.to_flat_state(state))
     ours = {_timm_key(path): (path, var) for path, var in flat}
-    given = {k: np.asarray(v) for k, v in state_dict.items() if k not in skip}
+    given = {
+        k: np.asarray(v)
+        for k, v in state_dict.items()
+        if k not in skip and k.rpartition(".")[2] != BN_COUNTER
+    }
     if _grid_differs(model, given, ours):
         given = fit_pos_embed(model, given, antialias=True)  # timm's checkpoint_filter_fn
     missing = sorted(set(ours) - set(given) - set(skip))
@@ -162,7 +173,7 @@ def write_safetensors(model: nnx.Module, path: str | os.PathLike) -> None:
 
 
 def _head_classes(state_dict: Mapping[str, np.ndarray]) -> int | None:
-    for key in ("head.fc.weight", "head.weight"):
+    for key in ("head.fc.weight", "head.weight", "fc.weight"):
         if key in state_dict:
             return int(np.shape(state_dict[key])[0])
     return None

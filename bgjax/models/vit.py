@@ -66,7 +66,7 @@ class PatchEmbed(nnx.Module):
         )
 
     def __call__(self, x):
-        return self.proj(x)
+        return layers.constrain_batch(self.proj(x))
 
 
 class Attention(nnx.Module):
@@ -80,12 +80,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x, key_mask=None):
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        # Pinned to the batch axes: the FSDP-sharded qkv would otherwise shard heads.
+        qkv = layers.constrain_batch(self.qkv(x))
+        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # key_mask (B, S) bool: True = attendable; broadcast over heads and queries.
+        # key_mask (B, S) bool: True = attendable; broadcast over heads (and queries: cuDNN
+        # takes the mask as a (B, 1, T, S) bias and refuses a broadcast query dim).
         mask = None if key_mask is None else key_mask[:, None, None, :]
+        if mask is not None and self.ops.attention is cpu_kernels.CUDNN_ATTENTION:
+            mask = jnp.broadcast_to(mask, (b, 1, n, n))
         out = self.ops.attention(q, k, v, mask=mask)  # scale head_dim**-0.5
-        return self.proj(out.reshape(b, n, d))
+        return self.proj(layers.constrain_batch(out.reshape(b, n, d)))
 
 
 class Mlp(nnx.Module):
@@ -101,7 +106,7 @@ class Mlp(nnx.Module):
         self.fc2 = layers.dense(fc2_in, dim, dtype, rngs, ops, shard_in=True)
 
     def __call__(self, x):
-        x = self.fc1(x)
+        x = layers.constrain_batch(self.fc1(x))
         if self.gated:
             a, b = jnp.split(x, 2, axis=-1)
             x = jax.nn.silu(a) * b
@@ -161,6 +166,19 @@ def _run_block(block: Block, x, key_mask, train: bool):
     return block(x, key_mask, train=train)
 
 
+# cuDNN's fused attention needs an even sequence to train with a mask (ViT-B/16 has 197
+# tokens); a multiple of 8 also keeps its tiles whole.
+CUDNN_SEQ_MULTIPLE = 8
+
+
+def _pad_tokens(tokens, key_mask, multiple: int):
+    """(B, N, D) tokens and (B, N) key mask padded to N rounded up to `multiple`; padding
+    tokens are zeros and never attendable, so real tokens' outputs do not change."""
+    pad = -tokens.shape[1] % multiple
+    tokens = jnp.pad(tokens, ((0, 0), (0, pad), (0, 0)))
+    return tokens, jnp.pad(key_mask, ((0, 0), (0, pad)), constant_values=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model.
 
@@ -182,7 +200,11 @@ class VisionTransformer(nnx.Module):
 
     kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
     resolved here, once; `attn_impl` ("xla" | "cudnn") makes attention
-    `jax.nn.dot_product_attention` with that implementation.
+    `jax.nn.dot_product_attention` with that implementation ("auto": cuDNN's fused kernel on
+    NVIDIA GPUs in bf16, else the kernel set's). cuDNN trains with a key mask (the "attn"
+    strategy) only on an even sequence: the tokens are then padded to a multiple of
+    `CUDNN_SEQ_MULTIPLE` with padding tokens no token attends to, dropped after the blocks.
+    dtype: the compute dtype ("auto": bf16 on accelerators, fp32 on the CPU).
     """
 
     def __init__(
@@ -205,7 +227,7 @@ class VisionTransformer(nnx.Module):
         dtype=jnp.float32,
         remat: bool = False,
         kernels: str = "auto",
-        attn_impl: str | None = None,
+        attn_impl: str | None = "auto",
         pos_embed_antialias: bool = False,
         pos_embed_init: str = "trunc_normal",
         masking: str = "none",
@@ -237,7 +259,9 @@ class VisionTransformer(nnx.Module):
         fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
         if fill.shape != (in_chans,):
             raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
-        ops = cpu_kernels.ops(kernels, attn_impl=attn_impl)
+        dtype = cpu_kernels.resolve_dtype(dtype)
+        self.attn_impl = cpu_kernels.resolve_attention(attn_impl, dtype)
+        ops = cpu_kernels.ops(kernels, attn_impl=self.attn_impl)
 
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -248,7 +272,7 @@ class VisionTransformer(nnx.Module):
         self.num_prefix_tokens = 1 + reg_tokens
         self.no_embed_class = no_embed_class
         self.num_pos_prefix_tokens = 0 if no_embed_class else self.num_prefix_tokens
-        self.dtype = dtype = jnp.dtype(dtype)
+        self.dtype = dtype
         self.remat = remat
         self.pos_embed_antialias = pos_embed_antialias
         self.masking = masking
@@ -344,7 +368,7 @@ class VisionTransformer(nnx.Module):
         grid = (x.shape[1] // self.patch_size, x.shape[2] // self.patch_size)
         if min(grid) < 1:
             raise ValueError(f"images {x.shape} are smaller than one {self.patch_size}px patch")
-        tokens = self._embed(x.astype(self.dtype))
+        tokens = layers.constrain_batch(self._embed(x.astype(self.dtype)))
 
         key_mask = token_scale = pool_mask = None
         if self.masking == "attn":
@@ -358,13 +382,16 @@ class VisionTransformer(nnx.Module):
         mask_after = self.depth + self.late_block if self.late_norm is not None else None
 
         run = nnx.remat(_run_block, static_argnums=(3,)) if self.remat else _run_block
+        length = tokens.shape[1]
+        if key_mask is not None and self.attn_impl == "cudnn":
+            tokens, key_mask = _pad_tokens(tokens, key_mask, CUDNN_SEQ_MULTIPLE)
         intermediates = []
         for i, block in enumerate(self.blocks):
-            tokens = run(block, tokens, key_mask, train)
-            intermediates.append(tokens)
+            tokens = layers.constrain_batch(run(block, tokens, key_mask, train))
+            intermediates.append(tokens[:, :length])
             if i == mask_after:
                 tokens = self.late_norm(tokens) * token_scale
-        tokens = self.norm(tokens)
+        tokens = self.norm(tokens[:, :length])
         if token_scale is not None and self.late_norm is None:
             tokens = tokens * token_scale  # the paper masks the final normalised tokens
         return tokens, pool_mask, intermediates

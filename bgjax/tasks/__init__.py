@@ -19,17 +19,17 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from bgjax import parallel
 from bgjax.masks import GT
+from bgjax.models import cpu_kernels
 from bgjax.tasks import classify, records, segment
 
 TASKS = {module.NAME: module for module in (classify, segment)}
 # config.model keys the trainer consumes; every other key goes to the model constructor.
-_TRAINER_MODEL_KEYS = ("name", "frozen_backbone", "init", "dtype")
+_TRAINER_MODEL_KEYS = ("name", "frozen_backbone", "init", "dtype", "attention")
 
 
 def get(config: ml_collections.ConfigDict | Mapping[str, Any] | str):
@@ -52,7 +52,12 @@ def make_model(
     normalisation (`pixel_mean` / `pixel_std`)."""
     mcfg = config.model
     overrides = {k: v for k, v in mcfg.items() if k not in _TRAINER_MODEL_KEYS}
-    overrides["dtype"] = jnp.dtype(mcfg.get("dtype", "float32"))
+    overrides["dtype"] = cpu_kernels.resolve_dtype(mcfg.get("dtype", "float32"))
+    attention = mcfg.get("attention", "auto")
+    if mcfg.name.startswith("vit_"):  # the only family with attention layers
+        overrides.setdefault("attn_impl", attention)
+    elif attention != "auto":
+        raise ValueError(f"model.attention={attention!r}: {mcfg.name} has no attention layers")
     if pixel_mean is not None:
         overrides.setdefault("pixel_mean", tuple(pixel_mean))
         overrides.setdefault("pixel_std", tuple(pixel_std))

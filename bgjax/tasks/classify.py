@@ -122,9 +122,14 @@ def targets(config, num_classes: int, key, batch, images, masks):
     return images, masks, soft, labels
 
 
+def example_losses(config, logits, soft_targets):
+    """Soft-label cross-entropy of every row (group DRO weighs them by group)."""
+    return optax.softmax_cross_entropy(logits, soft_targets)
+
+
 def loss(config, logits, soft_targets):
     """Soft-label cross-entropy."""
-    return optax.softmax_cross_entropy(logits, soft_targets).mean()
+    return example_losses(config, logits, soft_targets).mean()
 
 
 def accuracy(logits, labels):
