@@ -149,7 +149,15 @@ def summarize(
 
 def _model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The baseline's model config (name + overrides of bgjax/configs/synthetic.py) and its size."""
-    training_keys = ("masking", "frozen_backbone", "init", "dtype", "drop_path_rate", "kernels")
+    training_keys = (
+        "masking",
+        "frozen_backbone",
+        "init",
+        "dtype",
+        "drop_path_rate",
+        "kernels",
+        "attention",
+    )
     model = {k: v for k, v in config.model.to_dict().items() if k not in training_keys}
     return dict(model, params=aggregate.count_params(config, config.data.num_classes))
 
