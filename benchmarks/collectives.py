@@ -160,7 +160,7 @@ def analytic_minimum(args, param_count: int) -> dict[str, float]:
 def run(args) -> dict:
     import jax
 
-    from bgjax import parallel, train, train_state
+    from bgjax import parallel, train_state, train_step
 
     available = jax.devices()
     if args.devices > len(available):
@@ -177,7 +177,7 @@ def run(args) -> dict:
     setup = train_state.make_setup(config, info, mesh)
     example = common.host_batches(args.batch, args.size, 1, count=1)[0]
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
-    jitted = train.jit_train_step(config, setup, info, mesh)
+    jitted = train_step.jit_train_step(config, setup, info, mesh)
     compiled = jitted.lower(setup.abstract, batch, None).compile()
     hlo = compiled.as_text()
 

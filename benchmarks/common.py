@@ -141,7 +141,7 @@ def train_config(
     size: int,
     num_classes: int = 9,
     dtype: str = "float32",
-    remat: bool = False,
+    remat: str | bool = "none",
     grad_accum: int = 1,
     total_steps: int = 10_000,
     **model_overrides: Any,
@@ -156,8 +156,7 @@ def train_config(
     c.model.update(model)
     c.model.update(model_overrides)
     c.model.dtype = dtype
-    if remat:
-        c.model.remat = True
+    c.model.remat = remat  # a bgjax.models.stacking policy name (or True / False)
     c.data.name = "benchmark"
     c.data.image_size = size
     c.data.num_classes = num_classes
@@ -227,16 +226,16 @@ class TrainStep:
 
 
 def build_train_step(config, mesh) -> TrainStep:
-    """bgjax.train's setup + train step, jitted by `train.jit_train_step` as `train.train` runs
+    """bgjax.train's setup + train step, jitted by `train_step.jit_train_step` as `train.train` runs
     it (state donated, ground-truth masks), compiled ahead of time so that its compile time and
     FLOPs are known before the first step."""
     import jax
 
-    from bgjax import train, train_state
+    from bgjax import train_state, train_step
 
     info = benchmark_info(config.data.num_classes)
     setup = train_state.make_setup(config, info, mesh)
-    jitted = train.jit_train_step(config, setup, info, mesh)
+    jitted = train_step.jit_train_step(config, setup, info, mesh)
     example = host_batches(config.batch_size, config.data.image_size, 1, count=1)[0]
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
     start = time.perf_counter()

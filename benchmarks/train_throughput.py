@@ -2,15 +2,17 @@
 
     python benchmarks/train_throughput.py --arch vit_base_patch16_224 --batch 256 --dtype bfloat16
     python benchmarks/train_throughput.py --arch convnext_base --batch 128 --dtype bfloat16 \
-        --remat block
+        --remat full --scan
     python benchmarks/train_throughput.py --arch tiny_vit --batch 8 --size 32 --steps 2  # CPU smoke
 
-The step is `bgjax.train.jit_train_step` (AdamW, fp32 parameters, compute in `--dtype`),
+The step is `bgjax.train_step.jit_train_step` (AdamW, fp32 parameters, compute in `--dtype`),
 the trainer's own jitted step (state donated, batch sharded over all mesh axes), on a mesh of
 the first `--devices` devices. Batches are random uint8 images made on the host and sent to
 the devices `--prefetch` steps ahead (double buffering), so host->device copies overlap the
 compute as in training. Attention is the model's choice (`--attn-impl auto`, the trainer's
-`model.attention`): cuDNN's fused kernel on NVIDIA GPUs in bf16, else XLA's.
+`model.attention`): cuDNN's fused kernel on NVIDIA GPUs in bf16, else XLA's. `--remat` is a
+`bgjax.models.stacking` policy (`model.remat`; "block" is the older name of "full"), `--scan`
+runs identical blocks as one `lax.scan` (`model.scan_blocks`); `compile_s` shows what it saves.
 
 Timing: `--repeats` windows of `--steps` steps each, dispatched asynchronously and waited for
 at the end of the window; the median window gives img/s.
@@ -55,7 +57,7 @@ PEAK_BF16_TFLOPS = (
     ("tpu v6e", 918.0),
 )
 COLUMNS = (
-    "arch", "dtype", "remat", "devices", "batch", "img_s", "img_s_device", "cpu_img_s",
+    "arch", "dtype", "remat", "scan", "devices", "batch", "img_s", "img_s_device", "cpu_img_s",
     "step_s", "tflops", "mfu", "xla_tflops_device", "xla_mfu_device", "compile_s", "loss",
 )  # fmt: skip
 
@@ -66,7 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="global batch")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    p.add_argument("--remat", default="none", choices=("none", "block"))
+    from bgjax.models import stacking
+
+    remat_choices = (*stacking.REMAT_POLICIES, "block")
+    p.add_argument("--remat", default="none", choices=remat_choices, help="block = full")
+    p.add_argument("--scan", action="store_true", help="identical blocks as one lax.scan")
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
@@ -145,6 +151,8 @@ def build(args, mesh):
     overrides = {}
     if args.dw_impl:
         overrides["dw_impl"] = args.dw_impl
+    if args.scan:
+        overrides["scan_blocks"] = True
     model_name = common.model_kwargs(args.arch, args.size)["name"]
     attn = None
     if model_name.startswith("vit_"):
@@ -158,7 +166,7 @@ def build(args, mesh):
             size=args.size,
             num_classes=args.classes,
             dtype=args.dtype,
-            remat=args.remat == "block",
+            remat="full" if args.remat == "block" else args.remat,
             grad_accum=args.grad_accum,
             **{**overrides, **extra},
         )
@@ -231,6 +239,7 @@ def run(args) -> dict:
         arch=args.arch,
         dtype=args.dtype,
         remat=args.remat,
+        scan=args.scan,
         devices=devices,
         batch=args.batch,
         img_s_device=row["img_s"] / devices,
@@ -262,7 +271,7 @@ def report(result: dict) -> str:
         f", XLA cost analysis per device {common.fmt(row['flops_step_xla_device'])}"
     )
     return (
-        f"### train throughput: {a['arch']} {a['dtype']} remat={a['remat']} "
+        f"### train throughput: {a['arch']} {a['dtype']} remat={a['remat']} scan={a['scan']} "
         f"attention={row['attn_impl'] or 'default'} mesh={a['mesh']}\n\n"
         f"{common.markdown_table(result['rows'], COLUMNS)}\n\n"
         f"peak: {peak_text}; {flops}\n{common.machine_line(result['machine'])}"

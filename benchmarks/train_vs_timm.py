@@ -6,7 +6,7 @@
 
 Both sides do the same work per step: the same uint8 host batch (9 classes) is normalised,
 forwarded in fp32 in training mode, cross-entropy, backward, one AdamW update (lr 1e-3, wd
-0.05, no clipping). Ours is `bgjax.train.jit_train_step`, the trainer's own jitted step (state
+0.05, no clipping). Ours is `bgjax.train_step.jit_train_step`, the trainer's own jitted step (state
 donated, batch transferred to the device one step ahead); the reference is timm's model of the
 same name with `torch.optim.AdamW`. torch gets as many threads as XLA's CPU pool (`--threads`,
 default: every core this process may use).

@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sampling = "natural"
     c.data.upweight = ml_collections.ConfigDict(dict(file="", errors_of="", factor=1))
     c.data_workers = 0  # Grain worker processes (0: reader threads in-process)
+    # Batches sent to the devices ahead of the running step, by a thread (0: off).
+    c.prefetch_to_device = 2
     c.train_variant = "original"  # str, or {variant: weight}
     c.augment = None  # bgjax.data.augment config, or None
     c.mask_source = "gt"  # "gt": the dataset's masks
@@ -93,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
     c.model.drop_path_rate = 0.0
     c.model.kernels = "auto"  # op lowerings: "cpu" (XLA:CPU-tuned), "xla", "auto" (by backend)
+    # What each block keeps for the backward pass: "none" (all), "full" (recompute the block),
+    # "dots", "dots_no_batch" (keep matmul outputs; bgjax.models.stacking). Typed `object` so
+    # that older configs' True/False (full/none) still override it.
+    c.model.remat = ml_collections.FieldReference("none", field_type=object)
     c.model.init = ""  # a timm-format .safetensors to start from ("" = random init)
 
     c.batch_size = 64  # global
@@ -170,10 +176,11 @@ def set_tiny(c: ml_collections.ConfigDict, arch: str) -> None:
 
 # Documented model options of each family, at the models' defaults, so each can be set on the
 # command line (`--config.model.late_stage=4`). head_pool "": the masking strategy's default.
+# scan_blocks: identical blocks run as one lax.scan (compiles faster; bgjax.models.stacking).
 MODEL_OPTIONS = {
-    "convnext": dict(late_stage=3),
+    "convnext": dict(late_stage=3, scan_blocks=False),
     "resnet": dict(late_stage=3, freeze_bn=False),
-    "vit": dict(late_block=-1, head_pool=""),
+    "vit": dict(late_block=-1, head_pool="", scan_blocks=False),
 }
 
 

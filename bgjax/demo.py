@@ -1,6 +1,6 @@
 r"""`bgjax demo`: both papers' findings on the built-in synthetic dataset, in minutes on a CPU.
 
-    bgjax demo [--workdir runs/demo] [--quick]
+    bgjax demo [--workdir runs/demo] [--quick] [--baselines]
 
 Shapes on habitat textures, 9 classes, the habitat equal to the class in 90% of the training
 images (`bgjax.data.synthetic`). The demo is the sweep `bgjax/configs/sweeps/demo.py` (a small
@@ -13,11 +13,18 @@ claims are checked on the measured numbers (`bgjax.findings`); summary.json's `f
 which held. The summary (summary.md / summary.json, plots, the variant grid) lands in the
 workdir and the table is printed.
 
+--baselines puts the field's group-robustness baselines in the same table: the ConvNeXt runs of
+--quick (ERM = `baseline`, mixed_rand, early, late; no segmenter) at the full IID set, plus
+group-balanced sampling, Group DRO, JTT (after a short identification run) and DFR of the ERM
+run (`bgjax.dfr`, after training), each at the literature's default hyperparameters (the sweep
+config's docstring). With --quick too, the IID set is halved. Each baseline's worst-group
+accuracy is reported against ERM's (`bgjax.findings`), with a reason where it is not higher.
+
 Everything runs in this process, with JAX's persistent compilation cache in WORKDIR/jax_cache,
 so runs that compile the same program (the baseline and mixed_rand train steps, every eval of
 one model) compile once. Rerunning skips finished runs and evaluations and resumes an
 interrupted training run from its checkpoint. `bgjax aggregate WORKDIR` tabulates the same runs
-as any sweep's.
+as any sweep's (the DFR run as a DFR copy of the ERM run).
 """
 
 from __future__ import annotations
@@ -34,10 +41,12 @@ import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from bgjax import aggregate, clflags, config_utils, plots, sweep, xla_options
+from bgjax import aggregate, clflags, config_utils, dfr, plots, sweep, xla_options
 from bgjax import data as data_lib
 from bgjax import findings as findings_lib
 from bgjax import metrics as metrics_lib
+from bgjax import workdir as workdir_lib
+from bgjax.tasks import jtt
 
 SWEEP = "sweeps/demo.py"
 
@@ -63,43 +72,116 @@ def enable_compilation_cache(directory: str) -> None:
     xla_options.enable_compilation_cache(directory)
 
 
-def jobs(workdir: str, *, quick: bool = False) -> tuple[ml_collections.ConfigDict, list]:
+def jobs(
+    workdir: str, *, quick: bool = False, baselines: bool = False
+) -> tuple[ml_collections.ConfigDict, list]:
     """The demo's sweep config and its jobs, rooted at `workdir`."""
-    config = config_utils.load_config(f"{SWEEP}:quick={quick}")
+    arg = f"quick={quick}" + (",baselines=True" if baselines else "")
+    config = config_utils.load_config(f"{SWEEP}:{arg}")
     return config, sweep.expand(config, root=workdir)
 
 
+def scored_runs(sweep_config: ml_collections.ConfigDict, demo_jobs: Sequence[sweep.Job]) -> list:
+    """(run name, {axis: point}, evals) of every run the demo evaluates: the jobs with evals,
+    then the DFR runs (scored with the sweep's evals)."""
+    runs = [(j.name, dict(j.points), j.evals) for j in demo_jobs if j.evals]
+    evals = tuple(dict(e) for e in sweep_config.evals)
+    return runs + [(d["name"], dict(d["points"]), evals) for d in sweep_config.get("dfr", ())]
+
+
+def run_dfr(workdir: str, sweep_config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """The sweep's `dfr` runs (`bgjax.dfr.run_dfr` of a trained run), skipped when done:
+    {name: {"trained", "wall_s", "cpu_s"}} as `sweep.run_local`'s."""
+    done = {}
+    for spec in sweep_config.get("dfr", ()):
+        wall, cpu = time.perf_counter(), sweep.cpu_seconds()
+        source, out = (os.path.join(workdir, spec[k]) for k in ("run", "name"))
+        fitted = (epath.Path(out) / dfr.DFR_FILE).exists() and (
+            workdir_lib.latest_step(out) == workdir_lib.latest_step(source)
+        )
+        if not fitted:
+            dfr.run_dfr(source, out, split=spec["split"])
+        done[spec["name"]] = dict(
+            trained=not fitted, wall_s=time.perf_counter() - wall, cpu_s=sweep.cpu_seconds() - cpu
+        )
+    return done
+
+
 def run_demo(
-    workdir: str | os.PathLike, *, quick: bool = False, progress: bool = True
+    workdir: str | os.PathLike,
+    *,
+    quick: bool = False,
+    baselines: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Train (`sweep.run_local`) and evaluate the demo's runs, check the findings, write the
-    summary; returns summary.json's content. Raises `sweep.Interrupted` at a preemption."""
+    """Train (`sweep.run_local`, then the DFR runs) and evaluate the demo's runs, check the
+    findings, write the summary; returns summary.json's content. Raises `sweep.Interrupted` at a
+    preemption."""
     import tqdm
 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     enable_compilation_cache(os.path.join(workdir, "jax_cache"))
-    sweep_config, demo_jobs = jobs(workdir, quick=quick)
+    sweep_config, demo_jobs = jobs(workdir, quick=quick, baselines=baselines)
     sweep.write_manifest(workdir, sweep_config, demo_jobs)  # `bgjax aggregate` reads it
     start_wall, start_cpu = time.perf_counter(), sweep.cpu_seconds()
     timing = sweep.run_local(workdir, demo_jobs, progress=progress)
+    timing.update(run_dfr(workdir, sweep_config))
     results: dict[str, dict[str, dict]] = {}
-    sources, scored = SourceCache(), [j for j in demo_jobs if j.evals]
-    for job in tqdm.tqdm(scored, desc="evaluate", unit="run", disable=not progress):
+    sources, scored = SourceCache(), scored_runs(sweep_config, demo_jobs)
+    for name, points, run_evals in tqdm.tqdm(
+        scored, desc="evaluate", unit="run", disable=not progress
+    ):
         wall, cpu = time.perf_counter(), sweep.cpu_seconds()
-        specs = [aggregate.EvalSpec.parse(e) for e in job.evals]
-        evals = aggregate.evaluate_run(os.path.join(workdir, job.name), specs, get_source=sources)
-        points = dict(job.points)
+        specs = [aggregate.EvalSpec.parse(e) for e in run_evals]
+        evals = aggregate.evaluate_run(os.path.join(workdir, name), specs, get_source=sources)
         results.setdefault(points["arch"], {})[points["strategy"]] = evals
-        timing[job.name]["wall_s"] += time.perf_counter() - wall
-        timing[job.name]["cpu_s"] += sweep.cpu_seconds() - cpu
-        logging.info("demo: %s done (%s)", job.name, timing[job.name])
+        timing[name]["wall_s"] += time.perf_counter() - wall
+        timing[name]["cpu_s"] += sweep.cpu_seconds() - cpu
+        logging.info("demo: %s done (%s)", name, timing[name])
     timing["total"] = dict(
         wall_s=time.perf_counter() - start_wall, cpu_s=sweep.cpu_seconds() - start_cpu
     )
-    summary = summarize(results, scored, quick=quick, timing=timing)
+    methods = baseline_settings(workdir, sweep_config, demo_jobs) if baselines else None
+    summary = summarize(
+        results, [j for j in demo_jobs if j.evals], quick=quick, timing=timing, methods=methods
+    )
     write_summary(workdir, summary)
     return summary
+
+
+def baseline_settings(
+    workdir: str, sweep_config: ml_collections.ConfigDict, demo_jobs: Sequence[sweep.Job]
+) -> dict[str, dict[str, Any]]:
+    """{arch: {method: its settings}} of the baselines, read from the runs: sampling, Group
+    DRO's eta and adjustment, JTT's identification steps, upweight and error-set size, DFR's
+    held-out split and chosen C."""
+    out: dict[str, dict[str, Any]] = {}
+    for job in demo_jobs:
+        points, config = dict(job.points), job.config()
+        method, settings = points.get("strategy"), None
+        if method == "group_balanced":
+            settings = dict(sampling=config.data.sampling)
+        elif method == "group_dro":
+            settings = config.loss.group_dro.to_dict()
+        elif method == "jtt":
+            errors_of = config.data.upweight.errors_of
+            errors = json.loads((epath.Path(errors_of) / jtt.ERROR_SET_FILE).read_text())
+            settings = dict(
+                identification_steps=workdir_lib.read_config(errors_of).total_steps,
+                upweight=config.data.upweight.factor,
+                upweighted_examples=len(errors["indices"]),
+                train_examples=errors["num_examples"],
+            )
+        if settings is not None:
+            out.setdefault(points["arch"], {})[method] = settings
+    for spec in sweep_config.get("dfr", ()):
+        record = json.loads((epath.Path(workdir) / spec["name"] / dfr.DFR_FILE).read_text())
+        keys = ("split", "c", "fit_examples", "tune_examples")
+        settings = {k: record[k] for k in keys}
+        settings["tune_worst_group"] = record["tune_worst_group_accuracy"][str(record["c"])]
+        out.setdefault(spec["points"]["arch"], {})["dfr"] = settings
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +194,11 @@ def summarize(
     *,
     quick: bool,
     timing: Mapping[str, Any],
+    methods: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summary.json: the settings (read from the runs' configs), each run's numbers, the
-    findings and the timing."""
+    findings and the timing; with --baselines (`methods`: `baseline_settings`), the baselines'
+    settings too."""
     runs = {
         arch: {strategy: findings_lib.run_numbers(evals) for strategy, evals in by.items()}
         for arch, by in results.items()
@@ -124,8 +208,12 @@ def summarize(
     any_config = next(iter(baselines.values()))
     data = any_config.data
     chance = 1.0 / data.num_classes
+    if methods is None:
+        mode, extra = ("quick" if quick else "full"), {}
+    else:
+        mode, extra = ("quick, baselines" if quick else "baselines"), dict(methods=dict(methods))
     return dict(
-        mode="quick" if quick else "full",
+        mode=mode,
         settings=dict(
             image_size=data.image_size,
             train_size=data.train_size,
@@ -144,6 +232,7 @@ def summarize(
         runs=runs,
         findings=findings_lib.check(runs, chance),
         timing=dict(timing),
+        **extra,
     )
 
 
@@ -157,6 +246,8 @@ def _model_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "drop_path_rate",
         "kernels",
         "attention",
+        "remat",
+        "scan_blocks",
     )
     model = {k: v for k, v in config.model.to_dict().items() if k not in training_keys}
     return dict(model, params=aggregate.count_params(config, config.data.num_classes))
@@ -210,6 +301,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         "habitat group (worst-group accuracy; OOD avg = groups weighted by their training "
         "share). Accuracies in %.",
         "",
+        *_methods_markdown(summary.get("methods")),
         table_markdown(summary),
         "",
         "## Findings (measured)",
@@ -222,6 +314,18 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def _methods_markdown(methods: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    """The baselines' settings (--baselines), a paragraph before the table."""
+    if not methods:
+        return []
+    lines = ["baseline = ERM. The field's baselines, at fixed literature defaults (not tuned):"]
+    for arch, by in methods.items():
+        for method, settings in by.items():
+            text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
+            lines.append(f"- {arch} {method}: {text}")
+    return [*lines, ""]
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> dict[str, str]:
@@ -279,6 +383,12 @@ _WORKDIR = clflags.string("workdir", None, "Where the runs and the summary go.")
 _QUICK = clflags.boolean(
     "quick", False, "ConvNeXt runs only, no segmenter, smaller IID set (~5 min on 2 cores)."
 )
+_BASELINES = clflags.boolean(
+    "baselines",
+    False,
+    "ConvNeXt runs (no segmenter) plus group-balanced sampling, Group DRO, JTT and DFR of the "
+    "ERM run, in one table.",
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -286,9 +396,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:  # the progress bars say what runs; logs go quiet
         logging.set_verbosity(logging.WARNING)
-    workdir = _WORKDIR.value or ("runs/demo_quick" if _QUICK.value else "runs/demo")
+    suffix = ("_quick" if _QUICK.value else "") + ("_baselines" if _BASELINES.value else "")
+    workdir = _WORKDIR.value or f"runs/demo{suffix}"
     try:
-        summary = run_demo(workdir, quick=_QUICK.value)
+        summary = run_demo(workdir, quick=_QUICK.value, baselines=_BASELINES.value)
     except sweep.Interrupted as e:
         print(f"bgjax demo: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)

@@ -20,7 +20,7 @@ A sweep config's `get_config(arg)` returns:
                `data` updates config.data for that evaluation (e.g. another dataset).
     resources  Slurm: {nodes, gpus_per_node, cpus_per_gpu, time} of each run (default: 1 GPU)
     selection  optional: `bgjax aggregate` picks each method's hyperparameters by a validation
-               metric and reports test mean ± std over seeds (`bgjax.aggregate.Selection`:
+               metric and reports test mean ± std over seeds (`bgjax.selection.Selection`:
                metric "val:worst_group_accuracy", method_axes ("method",), seed_axis "seed")
 
 or, when some runs need others finished first (a segmenter whose masks later runs use),
@@ -57,7 +57,8 @@ import ml_collections
 from absl import app, logging
 from etils import epath
 
-from bgjax import aggregate, clflags, config_utils
+from bgjax import clflags, config_utils, rerun
+from bgjax import selection as selection_lib
 from bgjax import train as train_lib  # defines the trainer's flags first (see clflags)
 from bgjax import workdir as workdir_lib
 
@@ -134,7 +135,7 @@ def expand(sweep: ml_collections.ConfigDict, root: str | None = None) -> list[Jo
     """The jobs of a sweep config, stage by stage, each stage in grid order (the last axis
     varies fastest); "{root}" in a value becomes `root`."""
     if sweep.get("selection") is not None:  # a mistake shows now, not after the training
-        aggregate.Selection.parse(sweep.selection)
+        selection_lib.Selection.parse(sweep.selection)
     stages = sweep.get("stages")
     if stages is None:
         return _expand_stage(sweep, 0, sweep.get("evals"), _resources(sweep, {}), root)
@@ -258,7 +259,7 @@ def run_local(root: str, jobs: Sequence[Job], *, progress: bool = True) -> dict[
         wall, cpu = time.perf_counter(), cpu_seconds()
         workdir = os.path.join(root, job.name)
         config = job.config()
-        workdir_lib.check_same_config(workdir, config)
+        rerun.check_same_config(workdir, config)
         trained = not workdir_lib.is_finished(workdir, config.total_steps)
         if trained:
             config.progress_bar = progress and config.get("progress_bar", True)

@@ -124,3 +124,17 @@ def make_setup(
         abstract=abstract,
         shardings=shardings,
     )
+
+
+def load_init_weights(state: dict, setup: Setup, path: str, config) -> dict:
+    """Params from a timm-format checkpoint (`config.model.init`), loaded as the task says
+    (a classifier's head of another class count stays as initialised; a segmenter's encoder)."""
+    from bgjax.models import timm_io
+
+    model = nnx.merge(setup.graphdef, state["params"], state["rest"])
+    tasks.get(config).load_init_weights(model, timm_io.read_weights(path))
+    _, params, rest = nnx.split(model, setup.trainable, ...)
+    state = dict(state, params=params, rest=rest)
+    if "ema" in state:
+        state["ema"] = params
+    return jax.device_put(state, setup.shardings)

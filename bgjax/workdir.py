@@ -1,7 +1,7 @@
 """What a training run leaves on disk, and how to read it back: the one home of a run's files.
 
     DIR/config.json          the resolved config (written by the trainer; a rerun may change
-                             only the keys SAFE_ON_RESUME, `check_same_config`)
+                             only the keys `rerun.SAFE_ON_RESUME`, `rerun.check_same_config`)
     DIR/dataset_info.json    classes, habitats, image size and normalisation of the training data
     DIR/init_weights.json    the weights it started from: the path given, sha256, size
     DIR/metrics.jsonl        one row per logged step (+ DIR/tensorboard/ events)
@@ -89,13 +89,14 @@ def read_info(workdir: str | os.PathLike) -> data_lib.DatasetInfo:
 def write_run_files(
     workdir: str | os.PathLike, config: ml_collections.ConfigDict, info: data_lib.DatasetInfo
 ) -> None:
-    """config.json and dataset_info.json (the main process calls this, after `check_same_config`:
-    config.json is only ever replaced by the same config or one with changes SAFE_ON_RESUME).
-    Each file is written whole, then renamed into place: a crash leaves the old one."""
+    """config.json and dataset_info.json (the main process calls this, after
+    `rerun.check_same_config`: config.json is only ever replaced by the same config or one with
+    changes `rerun.SAFE_ON_RESUME`). Each file is written whole, then renamed into place: a
+    crash leaves the old one."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_whole(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
-    _write_whole(workdir / INFO_FILE, json.dumps(_info_json(info), indent=2))
+    _write_whole(workdir / INFO_FILE, json.dumps(info_json(info), indent=2))
     init = config.model.get("init")
     if init:  # which weights the run started from, by content: a path alone can be replaced
         (workdir / INIT_FILE).write_text(json.dumps(weights_provenance(init), indent=2))
@@ -123,41 +124,8 @@ def init_weights(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-# Keys a rerun may change and still resume the run (README, "Resume / preemption"): how long it
-# trains (the schedule's length and warm-up follow), how often it logs, evaluates and saves, how
-# fast it reads, the mesh (a checkpoint restores onto another), where the same data lives, and the
-# learning rate and clipping that a NaN stop asks to lower or enable. Any other change (model,
-# data, task, masks, recipe) would make the checkpoints another run's: it is refused.
-SAFE_ON_RESUME = (
-    "total_steps",
-    "epochs",
-    "optimizer.warmup_steps",
-    "optimizer.lr",
-    "optimizer.clip_norm",
-    "log_every_steps",
-    "progress_bar",
-    "data_workers",
-    "mesh",
-    "eval.every_steps",
-    "eval.batch_size",
-    "checkpoint.every_steps",
-    "checkpoint.keep",
-    "checkpoint.async_save",
-    "data.root",
-    "data.data_dir",
-    "data.cub_root",
-    "data.places_root",
-    "data.segmentations",
-    "eval.data.root",
-)
-_ABSENT = "(absent)"
-
-
-class ConfigChanged(ValueError):
-    """A rerun's config differs from the run's config.json in keys not SAFE_ON_RESUME."""
-
-
-def _info_json(info: data_lib.DatasetInfo) -> dict[str, Any]:
+def info_json(info: data_lib.DatasetInfo) -> dict[str, Any]:
+    """What dataset_info.json records of `info` (`rerun.check_same_config` compares it)."""
     return dict(
         name=info.name,
         class_names=list(info.class_names),
@@ -166,52 +134,6 @@ def _info_json(info: data_lib.DatasetInfo) -> dict[str, Any]:
         mean=list(info.mean),
         std=list(info.std),
     )
-
-
-def config_changes(
-    workdir: str | os.PathLike, config: ml_collections.ConfigDict
-) -> dict[str, tuple[Any, Any]]:
-    """{key: (saved value, new value)} where `config` differs from the run's config.json ({}
-    without one). A key config.json lacks was added to the config files since the run was
-    written; it keeps the model's default, so it is no change."""
-    path = epath.Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return {}
-    saved = config_utils.flatten(json.loads(path.read_text()))
-    wanted = config_utils.flatten(json.loads(config.to_json_best_effort()))
-    return {
-        key: (saved[key], wanted.get(key, _ABSENT))
-        for key in sorted(saved)
-        if saved[key] != wanted.get(key, _ABSENT)
-    }
-
-
-def check_same_config(
-    workdir: str | os.PathLike,
-    config: ml_collections.ConfigDict,
-    info: data_lib.DatasetInfo | None = None,
-) -> dict[str, tuple[Any, Any]]:
-    """Refuse (`ConfigChanged`, one line naming each key, old -> new) to resume a run with a
-    config that differs from its config.json in keys not SAFE_ON_RESUME, or with training data
-    of other classes or normalisation than its dataset_info.json. A run without a checkpoint
-    has nothing to lose: it starts afresh with the new config. Returns the changes allowed."""
-    workdir = epath.Path(workdir)
-    changes = config_changes(workdir, config)
-    info_path = workdir / INFO_FILE
-    if info is not None and info_path.exists():
-        saved_info = json.loads(info_path.read_text())
-        for key, value in json.loads(json.dumps(_info_json(info))).items():
-            if saved_info.get(key) != value:
-                changes[f"{INFO_FILE}:{key}"] = (saved_info.get(key), value)
-    refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
-    if refused and latest_step(workdir) is not None:
-        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ConfigChanged(
-            f"{workdir} holds a run with another config ({shown}); only "
-            f"{', '.join(SAFE_ON_RESUME[:4])}, ... (bgjax.workdir.SAFE_ON_RESUME) may change on "
-            "resume: rerun with the saved values, or use another --workdir"
-        )
-    return changes
 
 
 def saved_config(

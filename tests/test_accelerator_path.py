@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from bgjax import config_utils, parallel, train, train_state
+from bgjax import config_utils, parallel, train_state, train_step
 from bgjax.data import DatasetInfo
 from bgjax.models import cpu_kernels, vit
 
@@ -50,7 +50,7 @@ def _abstract(tree):
 
 def _step(config, mesh):
     setup = train_state.make_setup(config, _info(), mesh)
-    return setup, train.jit_train_step(config, setup, _info(), mesh)
+    return setup, train_step.jit_train_step(config, setup, _info(), mesh)
 
 
 def _operand_types(stablehlo: str, op: str) -> list[list[str]]:
@@ -103,7 +103,7 @@ def test_bf16_step_multiplies_in_bf16_and_keeps_fp32_state(arch):
     state = [setup.abstract["params"], setup.abstract["opt_state"]]
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
-    assert train.compute_summary(setup).startswith("compute bfloat16, params float32")
+    assert train_step.compute_summary(setup).startswith("compute bfloat16, params float32")
 
 
 # ------------------------------------------------------------------------------ attention
@@ -143,7 +143,7 @@ def test_cudnn_fused_attention_in_the_step_lowered_for_cuda(monkeypatch):
     config = _config("vit", dtype="bfloat16", masking="attn", attention="cudnn")
     mesh = parallel.make_mesh([("data", 1)], devices=jax.devices()[:1])
     setup, step = _step(config, mesh)
-    assert "attention cudnn" in train.compute_summary(setup)
+    assert "attention cudnn" in train_step.compute_summary(setup)
     lowered = step.trace(setup.abstract, _abstract(_host_batch()), None).lower(
         lowering_platforms=("cuda",)
     )
@@ -234,11 +234,11 @@ def test_accumulation_with_drop_path_draws_per_device_masks():
 
 
 def test_masks_go_to_the_devices_only_when_the_step_reads_them():
-    assert "mask" not in train.step_batch_keys(_config("vit"))
-    assert "mask" in train.step_batch_keys(_config("vit", masking="late"))
+    assert "mask" not in train_step.step_batch_keys(_config("vit"))
+    assert "mask" in train_step.step_batch_keys(_config("vit", masking="late"))
     segment = _config("convnext")
     segment.task = "segment"  # the masks are its targets
-    assert "mask" in train.step_batch_keys(segment)
+    assert "mask" in train_step.step_batch_keys(segment)
 
 
 # -------------------------------------------------------------------------------------- FSDP

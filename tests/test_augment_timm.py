@@ -60,6 +60,16 @@ def test_photometric_ops_leave_mask_untouched(name):
     assert not np.array_equal(out_image, image), f"{name} at magnitude 9 changed nothing"
 
 
+def test_posterize_at_the_top_magnitude_keeps_no_bits():
+    """m9-mstd0.5 draws magnitude 10 at times: PosterizeIncreasing then keeps 0 bits, which
+    Pillow >= 11 refuses and older Pillow (timm's reference) turned into a black image."""
+    image, mask = _object()
+    args = randaugment._level_args("PosterizeIncreasing", 10.0, lambda v: v)
+    assert args == (0,)
+    out, _ = randaugment.apply_op("PosterizeIncreasing", np.maximum(image, 30), mask, args)
+    assert out.shape == image.shape and not out.any()
+
+
 def _load_timm_auto_augment():
     """timm's auto_augment.py loaded on its own (it needs PIL only, not torch), or None."""
     spec = importlib.util.find_spec("timm")

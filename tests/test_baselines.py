@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from bgjax import config_utils, masks, parallel, train, train_state
+from bgjax import config_utils, masks, parallel, train_state, train_step
 from bgjax import data as data_lib
 from bgjax.data import DatasetInfo, pipeline, sampling
 from bgjax.tasks import group_dro
@@ -214,7 +214,7 @@ def test_train_step_updates_group_weights_from_the_batch_groups(tmp_path):
     )
     want = np.exp(group_losses) / np.exp(group_losses).sum()
 
-    step = train.jit_train_step(config, setup, source.info, mesh)
+    step = train_step.jit_train_step(config, setup, source.info, mesh)
     new_state, metrics = step(state, pipeline.to_global(batch, mesh), None)
     np.testing.assert_allclose(parallel.fetch(new_state[group_dro.STATE_KEY]), want, rtol=1e-4)
     np.testing.assert_allclose(parallel.fetch(metrics)["loss"], group_losses @ want, rtol=1e-4)
@@ -252,7 +252,7 @@ def _fake_rows(jobs, val_by_setting, rng):
 def test_selection_picks_each_methods_best_validation_setting_and_reports_test_over_seeds(
     tmp_path,
 ):
-    from bgjax import aggregate, sweep
+    from bgjax import aggregate, selection, sweep
 
     config = config_utils.load_config("sweeps/baselines.py")
     jobs = sweep.expand(config, root=str(tmp_path))
@@ -271,7 +271,7 @@ def test_selection_picks_each_methods_best_validation_setting_and_reports_test_o
         )
         assert aggregate.dfr_source(tmp_path / f"dfr-{row['run']}") == row["run"]
         rows.append(dict(row, run=f"dfr-{row['run']}", dfr_of=row["run"]))
-    selection = aggregate.Selection.from_manifest(tmp_path)
+    selection = selection.Selection.from_manifest(tmp_path)
     paths = aggregate.write_outputs(tmp_path, rows, selection)
     chosen = {m["method"]: m for m in json.loads(Path(paths["selection"]).read_text())["methods"]}
     methods = ["erm", "class_balanced", "group_balanced", "group_dro", "jtt", "dfr+erm"]
@@ -294,21 +294,21 @@ def test_selection_picks_each_methods_best_validation_setting_and_reports_test_o
     table = Path(paths["md"]).read_text()
     assert "| group_dro | eta0.1 | 3 |" in table
     # Selecting by the minimum (e.g. a loss) takes the other setting.
-    low = aggregate.select(rows, dataclasses.replace(selection, mode="min"))
+    low = selection.select(rows, dataclasses.replace(selection, mode="min"))
     assert {m["method"]: m["setting"] for m in low}["group_dro"] == {
         "loss.group_dro.eta": "eta0.01"
     }
 
 
 def test_selection_spec_errors_are_caught_when_the_sweep_expands():
-    from bgjax import aggregate, sweep
+    from bgjax import selection, sweep
 
     config = config_utils.load_config("sweeps/baselines.py:quick=True")
     config.selection.metric = "worst_group_accuracy"
     with pytest.raises(ValueError, match="not of the form <eval>:<metric>"):
         sweep.expand(config)
     with pytest.raises(ValueError, match=r"unknown keys \['metrics'\]"):
-        aggregate.Selection.parse({"metrics": "val:original"})
+        selection.Selection.parse({"metrics": "val:original"})
 
 
 # ---------------------------------------------------------------------------------------------

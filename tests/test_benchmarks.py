@@ -102,16 +102,16 @@ def test_unknown_tiny_arch_is_a_clear_error():
 
 
 def test_benchmark_times_the_trainers_jitted_step(monkeypatch):
-    """`build_train_step` compiles `train.jit_train_step` itself, so the state is donated."""
+    """`build_train_step` compiles `train_step.jit_train_step` itself, so the state is donated."""
     import jax
 
-    from bgjax import parallel, train
+    from bgjax import parallel, train_step
     from bgjax.data import pipeline
 
     built = []
-    jit_train_step = train.jit_train_step
+    jit_train_step = train_step.jit_train_step
     monkeypatch.setattr(
-        train, "jit_train_step", lambda *a, **k: built.append(a) or jit_train_step(*a, **k)
+        train_step, "jit_train_step", lambda *a, **k: built.append(a) or jit_train_step(*a, **k)
     )
     config = common.train_config("tiny_vit", batch=4, size=32)
     mesh = parallel.make_mesh([("data", -1)])
@@ -282,3 +282,18 @@ def test_collectives_tiny_data_parallel_step_moves_the_minimum(tmp_path, capsys)
     assert row["mbytes_per_device"] == pytest.approx(row["min_mbytes_per_device"], rel=0.01)
     assert result["flops_step_xla_device"] > 0 and result["flops_step_model_device"] > 0
     assert "| all-reduce |" in capsys.readouterr().out
+
+
+def test_depthwise_choices_time_the_configs_model(tmp_path, capsys):
+    depthwise = _load("depthwise")
+    out = tmp_path / "depthwise.json"
+    config = "synthetic.py:arch=convnext,size=tiny"
+    argv = ["--config", config, "--override", "batch_size=4", "--steps", "1", "--repeats", "1"]
+    result = depthwise.main([*argv, "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert [r["dw_impl"] for r in result["rows"]] == ["grouped", "shifted"]
+    assert result["batch"] == 4 and result["image_size"] == 32
+    assert all(r["ms_step"] > 0 and r["compile_s"] > 0 for r in result["rows"])
+    assert min(r["speedup"] for r in result["rows"]) == 1.0  # relative to the slower choice
+    assert depthwise.config_for(depthwise.parse_args(argv), "grouped").model.dw_impl == "grouped"
+    assert "| grouped |" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from parity_utils import (
 )
 
 from bgjax import data, models
-from bgjax.models import convnext, cpu_kernels, masking, timm_io
+from bgjax.models import convnext, cpu_kernels, depthwise, masking, timm_io
 
 # One small architecture for everything but parity. Equal widths keep the number of distinct
 # parameter shapes (one initialiser compile each) low; the grouped depthwise conv compiles much
@@ -146,7 +146,7 @@ def test_depthwise_conv_lowering_follows_the_switch():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 11, 6)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 6)), jnp.float32)
-    shifted = jax.jit(cpu_kernels.depthwise_shifted)(x, kernel)
+    shifted = jax.jit(depthwise.shifted)(x, kernel)
     # The module takes the lowering of its model's kernels ("auto": by backend) or of dw_impl;
     # same parameters and values either way.
     auto = "shifted" if jax.default_backend() == "cpu" else "grouped"
@@ -156,7 +156,7 @@ def test_depthwise_conv_lowering_follows_the_switch():
         ops = cpu_kernels.ops(kernels, dw_impl=dw_impl)
         conv = convnext.DepthwiseConv(6, ops=ops, rngs=nnx.Rngs(0))
         conv.kernel.set_value(kernel)
-        assert conv.ops.depthwise_conv is getattr(cpu_kernels, f"depthwise_{expected}")
+        assert conv.ops.depthwise_conv is getattr(depthwise, expected)
         np.testing.assert_allclose(conv(x), shifted + conv.bias[...], atol=1e-5)
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from bgjax import config_utils, models, tasks
-from bgjax.models import cpu_kernels, layers
+from bgjax.models import cpu_kernels, depthwise, layers
 from bgjax.models.segmenter import Segmenter
 
 SIZE = 32
@@ -50,7 +50,7 @@ def test_auto_resolves_by_backend_and_explicit_choices_stand(monkeypatch):
     assert cpu_kernels.resolve("xla") == "xla" and cpu_kernels.resolve("cpu") == "cpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert cpu_kernels.resolve("auto") == "cpu"
-    assert cpu_kernels.ops("auto").depthwise_conv is cpu_kernels.depthwise_shifted
+    assert cpu_kernels.ops("auto").depthwise_conv is depthwise.shifted
     for backend in ("gpu", "tpu"):
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
         assert cpu_kernels.resolve("auto") == "xla"
@@ -72,10 +72,10 @@ def test_unknown_kernels_name_the_key_and_the_choices():
 
 def test_overrides_replace_one_op():
     cpu = cpu_kernels.ops("cpu", dw_impl="grouped", attn_impl="xla")
-    assert cpu.depthwise_conv is cpu_kernels.depthwise_grouped
+    assert cpu.depthwise_conv is depthwise.grouped
     assert cpu.attention.keywords == {"implementation": "xla"}
     assert cpu.gelu is cpu_kernels.gelu_exact and cpu.name == "cpu"
-    assert cpu_kernels.ops("xla", dw_impl="shifted").depthwise_conv is cpu_kernels.depthwise_shifted
+    assert cpu_kernels.ops("xla", dw_impl="shifted").depthwise_conv is depthwise.shifted
     # Equal settings give equal op sets (models share their compiled steps).
     assert cpu_kernels.ops("xla", attn_impl="cudnn") == cpu_kernels.ops("xla", attn_impl="cudnn")
     with pytest.raises(ValueError, match="dw_impl"):
@@ -135,8 +135,8 @@ def test_depthwise_lowerings_agree():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 9, 11, 6)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 6)), jnp.float32)
-    shifted = jax.jit(cpu_kernels.depthwise_shifted)(x, kernel)
-    grouped = jax.jit(cpu_kernels.depthwise_grouped)(x, kernel)
+    shifted = jax.jit(depthwise.shifted)(x, kernel)
+    grouped = jax.jit(depthwise.grouped)(x, kernel)
     assert shifted.shape == x.shape
     np.testing.assert_allclose(shifted, grouped, atol=1e-5)
 
@@ -148,15 +148,15 @@ def test_depthwise_shifted_gradients_match_grouped(shape):
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((7, 7, 1, shape[-1])), jnp.float32)
     cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-    ours = jax.vjp(cpu_kernels.depthwise_shifted, x, kernel)[1](cotangent)
-    reference = jax.vjp(cpu_kernels.depthwise_grouped, x, kernel)[1](cotangent)
+    ours = jax.vjp(depthwise.shifted, x, kernel)[1](cotangent)
+    reference = jax.vjp(depthwise.grouped, x, kernel)[1](cotangent)
     for got, want in zip(ours, reference):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_fft_size_is_an_even_7_smooth_length_no_shorter_than_asked():
     # Each stage of ConvNeXt at 224 px (7 + 6, 14 + 6, 28 + 6, 56 + 6) and a few edge cases.
-    sizes = [cpu_kernels._fft_size(n) for n in (13, 20, 34, 62, 1, 2, 11)]
+    sizes = [depthwise._fft_size(n) for n in (13, 20, 34, 62, 1, 2, 11)]
     assert sizes == [14, 20, 36, 64, 2, 2, 12]
 
 

@@ -30,7 +30,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.models.convert",
     ),
     # what a trained run is: on disk, its state, its masks, its task's loss and evaluator
-    ("bgjax.workdir", "bgjax.tasks.*", "bgjax.train_state", "bgjax.masks", "bgjax.lock"),
+    (
+        "bgjax.workdir",
+        "bgjax.rerun",
+        "bgjax.tasks.*",
+        "bgjax.train_state",
+        "bgjax.train_step",
+        "bgjax.masks",
+        "bgjax.lock",
+    ),
     (
         "bgjax.data.*",
         "bgjax.models.*",
@@ -39,6 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "bgjax.optim",
         "bgjax.metrics",
         "bgjax.findings",
+        "bgjax.selection",
         "bgjax.plots",
         "bgjax.config_utils",
         "bgjax.clflags",

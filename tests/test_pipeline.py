@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -215,6 +216,40 @@ def test_iterator_checkpoint_round_trip(tmp_path):
     manager.close()
 
 
+def test_device_prefetch_saves_the_position_of_the_last_consumed_batch():
+    """Two batches queued on the devices ahead: the iterator's state is still that of the last
+    batch handed out, and restoring it continues with the next one."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    source = FlatSource(64)
+    host = lambda: build(source, train=True, variant="mixed_rand", seed=1, num_devices=4)
+    pulled = []  # batches the prefetch thread took from the host iterator
+    counted = host().map(lambda batch: pulled.append(1) or batch)
+    it = iter(pipeline.on_devices(counted, mesh, keys=("image", "habitat"), prefetch=2))
+    consumed = 3
+    first = [next(it) for _ in range(consumed)][0]
+    deadline = time.monotonic() + 30
+    while len(pulled) < consumed + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(pulled) >= consumed + 2  # the queue really ran ahead
+    assert set(first) == {"image", "habitat"}
+    assert first["image"].sharding.spec == jax.sharding.PartitionSpec(("data",))
+    plain = iter(host())
+    for _ in range(consumed):
+        next(plain)
+    assert it.get_state() == plain.get_state()
+
+    resumed = iter(pipeline.on_devices(host(), mesh, keys=("image", "habitat"), prefetch=2))
+    resumed.set_state(it.get_state())
+    expected = next(plain)
+    for batch in (next(it), next(resumed)):
+        for key in batch:
+            np.testing.assert_array_equal(np.asarray(batch[key]), expected[key])
+    it.close()
+    resumed.close()
+    with pytest.raises(ValueError, match="prefetch_to_device must be >= 0"):
+        pipeline.on_devices(host(), mesh, prefetch=-1)
+
+
 @pytest.mark.parametrize("shape,axes", [((4,), ("data",)), ((2, 2), ("data", "fsdp"))])
 def test_global_batch_sharded_over_all_mesh_axes(shape, axes):
     mesh = jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
@@ -280,21 +315,45 @@ def test_synthetic_source_through_workers():
     np.testing.assert_array_equal(np.sort(in_process["label"]), np.sort(source.info.labels))
 
 
-def test_pipeline_benchmark_runs_and_reports_every_row(tmp_path):
-    """benchmarks/pipeline.py at its smallest: every row timed, ratios against the reference."""
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/pipeline.py as a module."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
     spec = importlib.util.spec_from_file_location("bgjax_benchmarks_pipeline", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALLEST_BENCH = ["--n", "16", "--batch", "8", "--size", "32", "--workers", "0"]
+
+
+def test_pipeline_benchmark_runs_and_reports_every_row(bench, tmp_path):
+    """benchmarks/pipeline.py at its smallest: every row timed, ratios against the reference."""
     out = tmp_path / "pipeline.json"
-    args = ["--n", "16", "--batch", "8", "--size", "32", "--workers", "0", "--jitter", "0.2"]
-    bench.main([*args, "--json", str(out)])
+    bench.main([*SMALLEST_BENCH, "--jitter", "0.2", "--json", str(out)])
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"ours/arrays", "ours/jpeg", "reference/arrays", "reference/jpeg"}
     for row in results.values():
         assert row["images"] == 16 and row["img_s_core"] > 0
         assert math.isfinite(row["ratio_vs_reference"]) and row["ratio_vs_reference"] > 0
+
+
+def test_pipeline_benchmark_scaling_covers_each_recipe_and_size(bench, tmp_path):
+    """`--scaling`: one row per source size x recipe x worker count, each with the cores an
+    accelerator needs at its per-core rate; the larger JPEGs really are that size."""
+    out = tmp_path / "scaling.json"
+    bench.main([*SMALLEST_BENCH, "--scaling", "--large", "48x40", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    sizes = ("32px", "48x40")
+    assert set(results) == {f"{s}/{recipe}/workers=0" for s in sizes for recipe in bench.RECIPES}
+    for row in results.values():
+        assert row["img_s_core"] > 0 and row["state_us"] > 0
+        assert row["cores_per_accelerator"] == pytest.approx(bench.TARGET_IMG_S / row["img_s_core"])
+    rendered = synthetic.make_source(dict(name="synthetic", image_size=32, train_size=2), "train")
+    large = bench.JpegSource(rendered, 4, shape=(40, 48))
+    assert large[3]["image"].shape == (40, 48, 3) and large[3]["mask"].shape == (40, 48)
 
 
 @pytest.mark.parametrize("variant", ["only_bg_t", "no_fg", "only_fg", "mixed_rand"])

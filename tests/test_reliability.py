@@ -17,7 +17,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from bgjax import config_utils, lock, tasks, train, workdir
+from bgjax import config_utils, lock, rerun, tasks, train, workdir
 from bgjax.data import imagefiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,12 +75,12 @@ def test_rerun_on_other_data_is_refused(finished_run):
     path, config = finished_run
     moved = config_utils.apply_overrides(config, {"data.seed": 1})  # other images, same classes
     info = workdir.read_info(path)
-    with pytest.raises(workdir.ConfigChanged, match="data.seed: 0 -> 1"):
-        workdir.check_same_config(path, moved, info)
+    with pytest.raises(rerun.ConfigChanged, match="data.seed: 0 -> 1"):
+        rerun.check_same_config(path, moved, info)
     other = dataclasses.replace(info, class_names=tuple(reversed(info.class_names)))
-    with pytest.raises(workdir.ConfigChanged, match=r"dataset_info.json:class_names: \["):
-        workdir.check_same_config(path, config, other)
-    assert workdir.check_same_config(path, config, info) == {}
+    with pytest.raises(rerun.ConfigChanged, match=r"dataset_info.json:class_names: \["):
+        rerun.check_same_config(path, config, other)
+    assert rerun.check_same_config(path, config, info) == {}
 
 
 @pytest.mark.parametrize(
@@ -124,13 +124,13 @@ def test_missing_init_weights_are_one_line(tmp_path, capsys):
 
 
 def test_sigterm_while_preparing_stops_with_nothing_to_save(tmp_path, monkeypatch, capsys):
-    check = workdir.check_same_config
+    check = rerun.check_same_config
 
     def check_then_preempt(*args, **kwargs):  # SIGTERM arrives while the run is being checked
         os.kill(os.getpid(), signal.SIGTERM)
         return check(*args, **kwargs)
 
-    monkeypatch.setattr(workdir, "check_same_config", check_then_preempt)
+    monkeypatch.setattr(rerun, "check_same_config", check_then_preempt)
     summary = train.train(_config(), str(tmp_path / "run"))
     assert summary == {"preempted": True, "step": 0}
     assert "before step 1: nothing to save (no checkpoint yet)" in capsys.readouterr().out

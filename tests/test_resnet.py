@@ -15,7 +15,7 @@ from parity_utils import (
     torch_forward,
 )
 
-from bgjax import config_utils, models, parallel, train, train_state
+from bgjax import config_utils, models, parallel, train_state, train_step
 from bgjax import data as data_lib
 from bgjax.data import pipeline
 from bgjax.models import masking, resnet, timm_io
@@ -254,7 +254,7 @@ def test_synthetic_resnet_trains_on_a_data_mesh():
         pipeline.build(source, batch_size=config.batch_size, image_size=config.data.image_size,
                        train=True, seed=config.seed, num_devices=mesh.size)
     )  # fmt: skip
-    step = train.jit_train_step(config, setup, source.info, mesh)
+    step = train_step.jit_train_step(config, setup, source.info, mesh)
     state = setup.init()
     initial = nnx.to_pure_dict(jax.tree.map(np.asarray, state["rest"]))
     losses = []

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from bgjax import aggregate, config_utils, sweep
+from bgjax import aggregate, config_utils, rerun, sweep
 from bgjax import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_changed_grid_is_refused(swept):
     config = runs[0].config()
     config.optimizer.wd = 0.5  # the recipe (optimizer.lr would be safe on resume)
     with pytest.raises(ValueError, match=r"another config \(optimizer.wd: 0.05 -> 0.5\)"):
-        workdir_lib.check_same_config(Path(root) / runs[0].name, config)
+        rerun.check_same_config(Path(root) / runs[0].name, config)
 
 
 def test_aggregate_tables_and_plots(swept):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bgjax import data
-from bgjax.data import synthetic
+from bgjax.data import synthetic, synthetic_render
 
 SMALL = dict(image_size=32, train_size=450, val_size=162, test_size=162)
 
@@ -32,8 +32,8 @@ def test_registered_and_reads_config_dicts():
     config = ml_collections.ConfigDict(dict(name="synthetic", **SMALL))
     source = data.get_source(config, "val")
     assert len(source) == 162 and source.info.split == "val"
-    assert source.info.class_names == synthetic.SHAPES
-    assert source.info.habitat_names == synthetic.HABITATS
+    assert source.info.class_names == synthetic_render.SHAPES
+    assert source.info.habitat_names == synthetic_render.HABITATS
     assert len(synthetic.make_source({}, "train")) == 9000  # 1000 per class by default
 
 
@@ -60,8 +60,8 @@ def test_random_access_in_any_order(train):
 
 def test_rendered_once_cached_exactly_and_not_pickled(monkeypatch):
     source, calls = _source("val"), []
-    render = synthetic.render
-    monkeypatch.setattr(synthetic, "render", lambda *a: calls.append(1) or render(*a))
+    render = synthetic_render.render
+    monkeypatch.setattr(synthetic_render, "render", lambda *a: calls.append(1) or render(*a))
     first = source[3]
     first["image"][:] = 0  # the caller's copy: the cache must not change
     again = source[3]
@@ -103,7 +103,7 @@ def test_mask_is_the_object_and_nothing_else():
     # Same generator state, another habitat: the object (its pixels and silhouette) is unchanged
     # and every background pixel changes; another label changes nothing outside both silhouettes.
     def draw(label, habitat):
-        return synthetic.render(label, habitat, 48, np.random.default_rng(11))
+        return synthetic_render.render(label, habitat, 48, np.random.default_rng(11))
 
     a, other_habitat, other_label = draw(2, 3), draw(2, 5), draw(6, 3)
     inside = a["mask"].astype(bool)
@@ -118,13 +118,13 @@ def test_mask_is_the_object_and_nothing_else():
 def test_all_shapes_are_distinct_silhouettes():
     # Same pose for every class: the silhouettes must differ pairwise (IoU well below 1).
     masks = [
-        synthetic.render(c, 0, 64, np.random.default_rng(0))["mask"].astype(bool)
+        synthetic_render.render(c, 0, 64, np.random.default_rng(0))["mask"].astype(bool)
         for c in range(synthetic.MAX_CLASSES)
     ]
     for i in range(len(masks)):
         for j in range(i):
             iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
-            assert iou < 0.8, (synthetic.SHAPES[i], synthetic.SHAPES[j], iou)
+            assert iou < 0.8, (synthetic_render.SHAPES[i], synthetic_render.SHAPES[j], iou)
 
 
 @pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9, 1.0])
@@ -184,7 +184,7 @@ def test_object_colour_carries_no_label_information():
 def test_two_classes_mirror_waterbirds():
     source = synthetic.make_source({"num_classes": 2, "bg_correlation": 0.95}, "train")
     info = source.info
-    assert info.class_names == synthetic.SHAPES[:2] and info.num_habitats == 2
+    assert info.class_names == synthetic_render.SHAPES[:2] and info.num_habitats == 2
     assert len(source) == 2000 and set(np.unique(info.labels)) == {0, 1}
     np.testing.assert_allclose(info.train_group_proportions, [0.475, 0.025, 0.025, 0.475])
     assert source[3]["label"] in (0, 1)

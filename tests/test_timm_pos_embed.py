@@ -14,7 +14,7 @@ from parity_utils import (
     timm_model,
 )
 
-from bgjax import config_utils, parallel, tasks, train, train_state
+from bgjax import config_utils, parallel, tasks, train_state
 from bgjax import data as data_lib
 from bgjax.models import convert, from_timm, timm_io
 
@@ -103,7 +103,7 @@ def test_config_model_init_at_another_grid(tmp_path):
 
     mesh = parallel.make_mesh([("data", -1)])
     setup = train_state.make_setup(config, source.info, mesh)
-    state = train.load_init_weights(
+    state = train_state.load_init_weights(
         setup.init(), setup, str(tmp_path / "donor.safetensors"), config
     )
     got = nnx.merge(setup.graphdef, state["params"], state["rest"])

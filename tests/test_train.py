@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from bgjax import config_utils, parallel, tasks, train, train_state
+from bgjax import config_utils, parallel, tasks, train, train_state, train_step
 from bgjax import data as data_lib
 from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
@@ -53,7 +53,7 @@ def _run_steps(config, mesh, steps=2):
             num_devices=mesh.size,
         )
     )
-    step = train.jit_train_step(config, setup, source.info, mesh)
+    step = train_step.jit_train_step(config, setup, source.info, mesh)
     state, losses = setup.init(), []
     for _ in range(steps):
         state, metrics = step(state, pipeline.to_global(next(batches), mesh), None)
@@ -127,8 +127,10 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     assert restored_config.total_steps == 8 and info.num_classes == 4
 
 
-# Everything random that a resume must restore: mixup/cutmix keys, drop-path streams, the EMA.
+# Everything random that a resume must restore: mixup/cutmix keys, drop-path streams, the EMA;
+# and the data position behind the batches already queued on the devices.
 RESUME_FLAGS = [
+    "--config.prefetch_to_device=2",
     "--config.total_steps=40",
     "--config.eval.every_steps=0",
     "--config.checkpoint.every_steps=15",
@@ -260,7 +262,7 @@ def test_init_from_timm_weights_keeps_a_mismatched_head(tmp_path):
     mesh = parallel.make_mesh([("data", -1), ("fsdp", 1)])
     setup = train_state.make_setup(config, source.info, mesh)
     fresh = setup.init()
-    state = train.load_init_weights(fresh, setup, str(tmp_path / "donor.safetensors"), config)
+    state = train_state.load_init_weights(fresh, setup, str(tmp_path / "donor.safetensors"), config)
     got = nnx.merge(setup.graphdef, state["params"], state["rest"])
     np.testing.assert_array_equal(
         got.blocks[0].attn.qkv.kernel[...], donor.blocks[0].attn.qkv.kernel[...]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bgjax import config_utils, optim, parallel, tasks, train, train_state
+from bgjax import config_utils, optim, parallel, tasks, train_state, train_step
 from bgjax import data as data_lib
 from bgjax.data import pipeline
 from bgjax.models import masking as masking_lib
@@ -175,7 +175,7 @@ def test_train_step_mixes_early_masked_images():
     )  # fmt: skip
     black = dict(batch, image=batch["image"] * batch["mask"][..., None].astype(np.uint8))
     assert np.any(black["image"] != batch["image"])
-    step = train.jit_train_step(config, setup, source.info, mesh)
+    step = train_step.jit_train_step(config, setup, source.info, mesh)
     loss = lambda b: float(
         parallel.fetch(step(setup.init(), pipeline.to_global(b, mesh), None)[1])["loss"]
     )

@@ -99,10 +99,13 @@ def _cam_layer(model) -> tuple[Any, str, Callable]:
 
 
 def _without_remat(model) -> None:
-    """Rematerialisation only saves training memory, and would re-trace the tap: off."""
+    """Rematerialisation only saves training memory, and would re-trace the tap: off. So is
+    scanning over the blocks, which stacks blocks and cannot hold a tap among them."""
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and hasattr(node, "remat"):
             node.remat = False
+        if isinstance(node, nnx.Module) and hasattr(node, "scan_blocks"):
+            node.scan_blocks = False
 
 
 def grad_cam(graphdef, state, x, mask, labels, apply_fn: ApplyFn, layer: int = -1):

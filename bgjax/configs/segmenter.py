@@ -25,9 +25,7 @@ from bgjax import config_utils
 # FSDP over up to 4 devices shards them) and (image size, batch, steps, lr, decoder widths).
 _SYNTHETIC_ENCODERS = {
     "convnext": {
-        # Grouped depthwise convs compile ~3x faster than the CPU "shifted" ones; at this size
-        # they run as fast, and the tiny run is compile-bound.
-        "tiny": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), dw_impl="grouped"),
+        "tiny": dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64)),
         "small": dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256)),
         "base": dict(),  # convnext_atto as in timm
     },

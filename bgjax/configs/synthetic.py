@@ -14,8 +14,9 @@ frozen:    train only the head (+ what follows a late mask before the last stage
 from bgjax import config_utils
 
 # Model widths per size, far below timm's smallest for "small" (the demo's models). ConvNeXt keeps
-# its 4x4 patchify stem; "grouped" depthwise convs compile ~5x faster on CPU than the default
-# shifted ones, which pays for runs of a few hundred steps. The ViT uses 8 px patches (a 4x4 token
+# its 4x4 patchify stem and the backend's depthwise conv (on the CPU the shifted one: 3x faster per
+# step than the grouped conv at 32 px, 3.8x with the late run's stride-2 stem, for ~3 s more
+# compilation; BENCHMARKS.md). The ViT uses 8 px patches (a 4x4 token
 # grid at 32 px: each token sees a large part of the shape) and a sine-cosine start for its
 # position embedding; measured on this data (400 steps, Mixed-Rand training) that took it from
 # 0.25 to 0.50 accuracy, where 4 px patches or a GAP head did not help.
@@ -26,7 +27,6 @@ _CONVNEXT = {
         dims=(32, 64, 128, 256),
         patch_size=4,
         conv_mlp=False,
-        dw_impl="grouped",
     ),
     "base": dict(),  # convnext_atto as in timm
 }

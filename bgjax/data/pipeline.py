@@ -13,6 +13,8 @@ A plain Grain chain over a random-access source (see `bgjax.data`):
       [process_index::process_count]                     this process's shard (+ eval padding)
       .batch(local_batch_size)
       .to_iter_dataset(ReadOptions) [.mp_prefetch(...)]
+      .map(ToGlobal) [ThreadPrefetchIterDataset]         `on_devices` (the trainer): global
+                                                         jax.Arrays, N batches sent ahead
 
 The random maps sit BEFORE the shard on purpose: Grain keys each element's rng by its position in
 the dataset the map is applied to, so keying by the global position makes the data (partners,
@@ -24,9 +26,10 @@ Batches are host-local dicts of NumPy arrays:
     image uint8[b, S, S, 3], mask uint8[b, S, S], label int32[b], habitat int32[b], valid bool[b]
 
 uint8 crosses host -> device (4x less than float32); `to_global` makes the global jax.Arrays and
-`normalize` runs on device inside the jitted step. Evaluation never drops an example: the last
-batch is padded with valid=False rows, and every process yields the same number of batches so
-collective steps cannot hang.
+`normalize` runs on device inside the jitted step. The trainer's `on_devices` sends the next
+batches while the current step runs, and its checkpointed position is the last batch consumed.
+Evaluation never drops an example: the last batch is padded with valid=False rows, and every
+process yields the same number of batches so collective steps cannot hang.
 
 Worker processes (`worker_count > 0`) are spawned and re-import `__main__`, so a script that
 uses them needs the `if __name__ == "__main__":` guard. grain 0.2.18 also reads an absl flag when
@@ -43,6 +46,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
+import grain.experimental
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,6 +375,42 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
         )
         for key, value in local.items()
     }
+
+
+class ToGlobal(grain.transforms.Map):
+    """A host batch -> global jax.Arrays on `mesh` (`to_global`), keeping only `keys` (None: all):
+    entries the step does not read (masks, when nothing uses them) never cross to the devices."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, keys: tuple[str, ...] | None = None):
+        self.mesh, self.keys = mesh, keys
+
+    def map(self, batch):
+        kept = {k: v for k, v in batch.items() if self.keys is None or k in self.keys}
+        return to_global(kept, self.mesh)
+
+
+def on_devices(
+    ds: grain.IterDataset,
+    mesh: jax.sharding.Mesh,
+    *,
+    keys: tuple[str, ...] | None = None,
+    prefetch: int = 2,
+) -> grain.IterDataset:
+    """`ds`'s batches as global jax.Arrays on `mesh`, with `prefetch` of them (0: none) sent to
+    the devices ahead, by a background thread, while the current step runs (the thread holds
+    one more while it waits for room in the queue).
+
+    Grain's `ThreadPrefetchIterDataset` pairs each queued batch with the iterator state taken
+    right after that batch was read, and its `get_state` is the state of the last batch handed
+    out: a checkpoint saves the position of the last CONSUMED batch, not of the ones queued, so
+    a resumed run continues exactly (set_state drops the queue and refills from there).
+    """
+    if prefetch < 0:
+        raise ValueError(f"config.prefetch_to_device must be >= 0 (0: off), got {prefetch}")
+    ds = ds.map(ToGlobal(mesh, keys))
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
 
 
 def normalize(images: jax.Array, mean: Any, std: Any, dtype: jnp.dtype = jnp.float32) -> jax.Array:

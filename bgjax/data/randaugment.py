@@ -151,6 +151,8 @@ def _solarize_add(img: Image.Image, add: int, thresh: int = 128) -> Image.Image:
 
 
 def _posterize(img: Image.Image, bits: int) -> Image.Image:
+    if bits <= 0:  # PosterizeIncreasing at magnitude 10: Pillow < 11 gave black, newer raises
+        return Image.new(img.mode, img.size)
     return img if bits >= 8 else ImageOps.posterize(img, bits)
 
 

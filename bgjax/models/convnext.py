@@ -3,9 +3,9 @@
 Attribute names are timm's module names (`stem.0`, `stages.1.downsample.1`,
 `stages.2.blocks.3.mlp.fc1`, `head.fc`, ...), so `timm_io` converts weights mechanically. Images
 are NHWC. On top of timm's model: early / late background masking (Aniraj et al., ICCVW
-2023), per-block rematerialisation, a compute dtype separate from the fp32 parameters, FSDP
-partitioning metadata on kernels, and the lowering of each op chosen once by `kernels`
-("auto" | "xla" | "cpu", see `cpu_kernels`).
+2023), named rematerialisation policies and scanning over each stage's blocks (`stacking`), a
+compute dtype separate from the fp32 parameters, FSDP partitioning metadata on kernels, and the
+lowering of each op chosen once by `kernels` ("auto" | "xla" | "cpu", see `cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from bgjax.data import IMAGENET_MEAN, IMAGENET_STD
-from bgjax.models import cpu_kernels, layers
+from bgjax.models import cpu_kernels, layers, stacking
 from bgjax.models import masking as masking_lib
 from bgjax.models.cpu_kernels import Ops
 
@@ -58,6 +58,8 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
     """conv_dw -> norm -> mlp -> layer-scale gamma -> drop-path, plus the residual."""
 
+    drop_path_calls = 1  # stochastic-depth masks per call (`stacking`)
+
     def __init__(
         self,
         dim: int,
@@ -82,21 +84,21 @@ class Block(nnx.Module):
             nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs) if drop_path > 0 else None
         )
 
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, drop=None):
+        """drop: replaces the block's own drop path (a scan passes each step's, `stacking`)."""
         y = self.mlp(self.norm(layers.constrain_batch(self.conv_dw(x))))
         if self.gamma is not None:
             y = y * self.gamma[...].astype(y.dtype)
-        if self.drop_path is not None:
+        if drop is not None:
+            y = drop(y)
+        elif self.drop_path is not None:
             y = self.drop_path(y, deterministic=not train)
         return x + y
 
 
-def _run_block(block: Block, x, train: bool):
-    return block(x, train=train)
-
-
 class Stage(nnx.Module):
-    """Optional downsample (LayerNorm + 2×2/2 conv) followed by `depth` blocks."""
+    """Optional downsample (LayerNorm + 2×2/2 conv) followed by `depth` blocks, under the
+    `stacking` remat policy `remat`, as one `lax.scan` if `scan_blocks`."""
 
     def __init__(
         self,
@@ -105,7 +107,8 @@ class Stage(nnx.Module):
         drop_path_rates: Sequence[float],
         *,
         downsample: bool,
-        remat: bool,
+        remat: str | bool = "none",
+        scan_blocks: bool = False,
         ops: Ops,
         dtype,
         rngs: nnx.Rngs,
@@ -127,14 +130,19 @@ class Stage(nnx.Module):
                 for rate in drop_path_rates
             ]
         )
-        self.remat = remat
+        self.remat = stacking.remat_policy(remat)
+        self.scan_blocks = scan_blocks
 
     def __call__(self, x, *, train: bool = False):
         for layer in self.downsample or ():
             x = layers.constrain_batch(layer(x))
-        run = nnx.remat(_run_block, static_argnums=(2,)) if self.remat else _run_block
-        for block in self.blocks:
-            x = layers.constrain_batch(run(block, x, train))
+
+        def apply(block, x, drop):
+            return layers.constrain_batch(block(x, train=train, drop=drop))
+
+        x, _ = stacking.run_blocks(
+            self.blocks, x, apply, remat=self.remat, scan=self.scan_blocks, train=train
+        )
         return x
 
 
@@ -184,6 +192,8 @@ class ConvNeXt(nnx.Module):
 
     kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
     resolved here, once; `dw_impl` ("shifted" | "grouped") overrides the depthwise conv's.
+    remat: a `stacking.REMAT_POLICIES` name (or True / False); scan_blocks: each stage's blocks
+    run as one `lax.scan`.
     """
 
     def __init__(
@@ -200,7 +210,8 @@ class ConvNeXt(nnx.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: str | bool = "none",
+        scan_blocks: bool = False,
         kernels: str = "auto",
         dw_impl: str = "auto",
         masking: str = "none",
@@ -240,6 +251,7 @@ class ConvNeXt(nnx.Module):
         )
         stage_kwargs = dict(
             remat=remat,
+            scan_blocks=scan_blocks,
             ops=ops,
             dtype=dtype,
             rngs=rngs,

@@ -14,9 +14,10 @@ order of floating-point sums:
 read), and the model hands the `Ops` to its layers, which call one function per op. Parameters do
 not depend on the choice: dense and patchify layers stay `nnx.Linear` / `nnx.Conv` with timm's
 names and shapes, and take the lowering through Flax's pluggable `dot_general` /
-`conv_general_dilated`. Two knobs replace one op of the set: `dw_impl` (the synthetic configs
-take the grouped depthwise conv on the CPU too: it compiles ~5x faster) and `attn_impl`
-(`jax.nn.dot_product_attention`'s backend, e.g. cuDNN's fused kernel).
+`conv_general_dilated`. Two knobs replace one op of the set: `dw_impl` (grouped or shifted
+depthwise conv, e.g. to compare them: `benchmarks/depthwise.py`) and `attn_impl`
+(`jax.nn.dot_product_attention`'s backend, e.g. cuDNN's fused kernel). The depthwise conv's two
+lowerings live in `depthwise`; the other ops' are here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bgjax.models import depthwise
 
 KERNELS = ("auto", "xla", "cpu")
 DW_IMPLS = ("auto", "shifted", "grouped")
@@ -119,19 +122,6 @@ def ops(kernels: str = "auto", *, dw_impl: str = "auto", attn_impl: str | None =
 # "xla": the plain ops.
 
 
-def depthwise_grouped(x, kernel):
-    """Depthwise 'SAME' conv as one grouped convolution (fast on GPU/TPU)."""
-    kh, kw = kernel.shape[:2]
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(1, 1),
-        padding=((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
-    )
-
-
 def layer_norm(x, scale, bias, *, epsilon: float):
     """LayerNorm over the last axis as nnx computes it: float32, two-pass variance."""
     xf = x.astype(jnp.float32)
@@ -209,86 +199,6 @@ def patch_conv(lhs, rhs, window_strides, padding, *args, **kwargs):
         patches, rhs.reshape(kh * kw * c, features), (((1,), (0,)), ((), ())), **extra
     )
     return out.reshape(b, gh, gw, features)
-
-
-# ---------------------------------------------------------------------------------------------
-# "cpu": the depthwise conv as shifted multiply-adds, its kernel gradient by FFT.
-
-
-def _taps(x, kernel):
-    kh, kw = kernel.shape[:2]
-    h, w = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = jnp.zeros_like(x)
-    for i in range(kh):
-        for j in range(kw):
-            out = out + xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-    return out
-
-
-def _shift_multiply_add(x, kernel):
-    """Depthwise 'SAME' correlation as k*k shifted multiply-adds of a padded input, computed
-    once: XLA fuses elementwise chains into their consumers and recomputes them there, and on
-    CPU this one lands inside the next LayerNorm's YNNPACK reduction (materialising every
-    shifted input) or inside the FFT's layout transposes (k*k strided reads per element): 2-5x
-    slower (BENCHMARKS.md). A conditional is a boundary fusion does not cross; both branches
-    are the same function, so which one runs is irrelevant. (`lax.optimization_barrier` does
-    not help: XLA:CPU removes it before fusion.)"""
-    traced_true = kernel[0, 0, 0, 0] == kernel[0, 0, 0, 0]  # not a constant: the cond stays
-    return jax.lax.cond(traced_true, _taps, _taps, x, kernel)
-
-
-def _fft_size(n: int) -> int:
-    """The smallest even 2^a 3^b 5^c 7^d >= n: fast FFT lengths (measured: stage 4's 13 -> 14
-    runs its kernel gradient 2x faster than 15; 62 -> 64 and 34 -> 36 beat the odd 63 and 35)."""
-    while True:
-        m = n
-        for p in (2, 3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1 and n % 2 == 0:
-            return n
-        n += 1
-
-
-def _depthwise_kernel_grad(x, g, kh: int, kw: int):
-    """d(loss)/d(kernel) [kh, kw, 1, C] = sum over (b, h, w) of the padded input shifted by
-    (i, j) times the output gradient, for all 49 (i, j) at once: a cross-correlation computed
-    with FFTs (float32), zero-padded so the circular correlation does not wrap."""
-    h, w = x.shape[1:3]
-    lh, lw = _fft_size(h + kh - 1), _fft_size(w + kw - 1)
-    x, g = x.astype(jnp.float32), g.astype(jnp.float32)
-    xp = jnp.pad(x, ((0, 0), (kh // 2, lh - h - kh // 2), (kw // 2, lw - w - kw // 2), (0, 0)))
-    gp = jnp.pad(g, ((0, 0), (0, lh - h), (0, lw - w), (0, 0)))
-    spectrum = jnp.fft.rfft2(xp, axes=(1, 2)) * jnp.conj(jnp.fft.rfft2(gp, axes=(1, 2)))
-    corr = jnp.fft.irfft2(spectrum.sum(axis=0), s=(lh, lw), axes=(0, 1))
-    return corr[:kh, :kw, None, :]
-
-
-@jax.custom_vjp
-def depthwise_shifted(x, kernel):
-    """Depthwise 'SAME' conv as k*k shifted multiply-adds of a padded input (odd k).
-
-    XLA:CPU's grouped convolution is ~17x slower than this, fwd+bwd (BENCHMARKS.md). The
-    backward pass is written out: the input gradient is the same conv with the flipped kernel,
-    and the kernel gradient one FFT cross-correlation; autodiff of the 49 multiply-adds instead
-    gives 49 separate reductions, 5x slower and 5x longer to compile (BENCHMARKS.md).
-    """
-    return _shift_multiply_add(x, kernel)
-
-
-def _depthwise_shifted_fwd(x, kernel):
-    return _shift_multiply_add(x, kernel), (x, kernel)
-
-
-def _depthwise_shifted_bwd(residuals, g):
-    x, kernel = residuals
-    dx = _shift_multiply_add(g, kernel[::-1, ::-1])
-    dk = _depthwise_kernel_grad(x, g, *kernel.shape[:2]).astype(kernel.dtype)
-    return dx, dk
-
-
-depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +357,7 @@ _OPS = {
         name="xla",
         dot_general=jax.lax.dot_general,
         conv=jax.lax.conv_general_dilated,
-        depthwise_conv=depthwise_grouped,
+        depthwise_conv=depthwise.grouped,
         layer_norm=layer_norm,
         gelu=gelu,
         # Not jax.nn.dot_product_attention's XLA path: its backward multiplies the fp32 logit
@@ -458,13 +368,13 @@ _OPS = {
         name="cpu",
         dot_general=rows_dot_general,
         conv=patch_conv,
-        depthwise_conv=depthwise_shifted,
+        depthwise_conv=depthwise.shifted,
         layer_norm=layer_norm_cpu,
         gelu=gelu_exact,
         attention=attention_heads_first,
     ),
 }
-_DEPTHWISE = {"shifted": depthwise_shifted, "grouped": depthwise_grouped}
+_DEPTHWISE = {"shifted": depthwise.shifted, "grouped": depthwise.grouped}
 # Built once, so that models with equal settings have equal (cache-sharing) graph definitions.
 _ATTENTION = {
     impl: functools.partial(jax.nn.dot_product_attention, implementation=impl)

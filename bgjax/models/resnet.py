@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bgjax.data import IMAGENET_MEAN, IMAGENET_STD
-from bgjax.models import cpu_kernels, layers
+from bgjax.models import cpu_kernels, layers, stacking
 from bgjax.models import masking as masking_lib
 from bgjax.models.convnext import drop_path_rates
 from bgjax.models.cpu_kernels import Ops
@@ -216,7 +216,7 @@ class ResNet(nnx.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: str | bool = "none",
         kernels: str = "auto",
         masking: str = "none",
         early_fill: str = "black",
@@ -250,7 +250,7 @@ class ResNet(nnx.Module):
         self.late_stage = late_stage
         self.late_pool = late_pool
         self.freeze_bn = freeze_bn
-        self.remat = remat
+        self.remat = stacking.remat_policy(remat)  # a stacking.REMAT_POLICIES name
         self.kernels = ops.name
 
         self.conv1 = conv(in_chans, stem_channels, 7, 2, ops=ops, dtype=dtype, rngs=rngs)
@@ -299,7 +299,7 @@ class ResNet(nnx.Module):
         x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), use_batch_stats=bn_train))
         out = {"stem": x}
         x = max_pool_3x3_s2(x)
-        run = nnx.remat(_run_block, static_argnums=(2, 3)) if self.remat else _run_block
+        run = stacking.with_remat(_run_block, self.remat, static_argnums=(2, 3))
         for i, stage in enumerate(self._stages()):
             for block in stage:
                 x = run(block, x, train, bn_train)

@@ -4,9 +4,10 @@ Attribute names are timm's module names (`cls_token`, `reg_token`, `pos_embed`,
 `patch_embed.proj`, `blocks.3.attn.qkv`, `blocks.3.ls1.gamma`, `norm`, `head`), so `timm_io`
 converts weights mechanically. Images are NHWC. On top of timm's model: background masking
 (Aniraj et al., ICCVW 2023) and our attention masking, position-embedding resampling to any
-input size (`pos_embed`), per-block rematerialisation, a compute dtype separate from the fp32
-parameters, FSDP partitioning metadata on kernels, and the lowering of each op chosen once by
-`kernels` ("auto" | "xla" | "cpu", see `cpu_kernels`).
+input size (`pos_embed`), named rematerialisation policies and scanning over the blocks
+(`stacking`), a compute dtype separate from the fp32 parameters, FSDP partitioning metadata on
+kernels, and the lowering of each op chosen once by `kernels` ("auto" | "xla" | "cpu", see
+`cpu_kernels`).
 
 Masking strategies (`masking=`):
   "early"  background pixels become `early_fill` before the patch embedding.
@@ -36,10 +37,10 @@ import numpy as np
 from flax import nnx
 
 from bgjax.data import IMAGENET_MEAN, IMAGENET_STD
-from bgjax.models import cpu_kernels, layers
+from bgjax.models import cpu_kernels, layers, stacking
 from bgjax.models import masking as masking_lib
-from bgjax.models.cpu_kernels import Ops
 from bgjax.models.pos_embed import resample_pos_embed, sincos_2d_pos_embed
+from bgjax.models.vit_blocks import Block, PatchEmbed
 
 MASKING_STRATEGIES = (*masking_lib.MASKING_STRATEGIES, "attn")
 HEAD_POOLS = ("cls", "gap", "cls+gap")
@@ -51,120 +52,6 @@ HEAD_POOLS = ("cls", "gap", "cls+gap")
 # cues about twice as fast with it (bgjax demo), and the parameter tree is timm's either way.
 POS_EMBED_INITS = ("trunc_normal", "sincos2d")
 DEFAULT_HEAD_POOL = {"none": "cls", "early": "cls", "late": "cls+gap", "attn": "gap"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Layers.
-
-
-class PatchEmbed(nnx.Module):
-    """Non-overlapping p×p/p convolution: (B, H, W, C) -> (B, H//p, W//p, D)."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, *, ops: Ops, dtype, rngs):
-        self.proj = layers.patchify_conv(
-            in_chans, embed_dim, patch_size, dtype, rngs, ops, init=nnx.initializers.lecun_normal()
-        )
-
-    def __call__(self, x):
-        return layers.constrain_batch(self.proj(x))
-
-
-class Attention(nnx.Module):
-    """Multi-head self-attention; qkv output ordered [q|k|v] then heads, as timm."""
-
-    def __init__(self, dim: int, num_heads: int, *, ops: Ops, dtype, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.ops = ops
-        self.qkv = layers.dense(dim, 3 * dim, dtype, rngs, ops)
-        self.proj = layers.dense(dim, dim, dtype, rngs, ops, shard_in=True)
-
-    def __call__(self, x, key_mask=None):
-        b, n, d = x.shape
-        # Pinned to the batch axes: the FSDP-sharded qkv would otherwise shard heads.
-        qkv = layers.constrain_batch(self.qkv(x))
-        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # key_mask (B, S) bool: True = attendable; broadcast over heads (and queries: cuDNN
-        # takes the mask as a (B, 1, T, S) bias and refuses a broadcast query dim).
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        if mask is not None and self.ops.attention is cpu_kernels.CUDNN_ATTENTION:
-            mask = jnp.broadcast_to(mask, (b, 1, n, n))
-        out = self.ops.attention(q, k, v, mask=mask)  # scale head_dim**-0.5
-        return self.proj(layers.constrain_batch(out.reshape(b, n, d)))
-
-
-class Mlp(nnx.Module):
-    """fc1 -> exact GELU -> fc2, or (`gated`, timm's SwiGLUPacked) fc1 -> SiLU(a) * b -> fc2."""
-
-    def __init__(self, dim: int, hidden: int, *, gated: bool, ops: Ops, dtype, rngs: nnx.Rngs):
-        if gated and hidden % 2:
-            raise ValueError(f"a gated MLP needs an even hidden width, got {hidden}")
-        self.gated = gated
-        self.ops = ops
-        self.fc1 = layers.dense(dim, hidden, dtype, rngs, ops)
-        fc2_in = hidden // 2 if gated else hidden
-        self.fc2 = layers.dense(fc2_in, dim, dtype, rngs, ops, shard_in=True)
-
-    def __call__(self, x):
-        x = layers.constrain_batch(self.fc1(x))
-        if self.gated:
-            a, b = jnp.split(x, 2, axis=-1)
-            x = jax.nn.silu(a) * b
-        else:
-            x = self.ops.gelu(x)
-        return self.fc2(x)
-
-
-class LayerScale(nnx.Module):
-    def __init__(self, dim: int, init_values: float):
-        self.gamma = nnx.Param(jnp.full((dim,), init_values, jnp.float32))
-
-    def __call__(self, x):
-        return x * self.gamma[...].astype(x.dtype)
-
-
-class Block(nnx.Module):
-    """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), with drop-path."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        mlp_hidden: int,
-        *,
-        gated_mlp: bool,
-        init_values: float | None,
-        drop_path: float,
-        ops: Ops,
-        dtype,
-        rngs: nnx.Rngs,
-    ):
-        self.norm1 = layers.layer_norm(dim, dtype, rngs, ops)
-        self.attn = Attention(dim, num_heads, ops=ops, dtype=dtype, rngs=rngs)
-        self.ls1 = LayerScale(dim, init_values) if init_values else None
-        self.norm2 = layers.layer_norm(dim, dtype, rngs, ops)
-        self.mlp = Mlp(dim, mlp_hidden, gated=gated_mlp, ops=ops, dtype=dtype, rngs=rngs)
-        self.ls2 = LayerScale(dim, init_values) if init_values else None
-        # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1/(1-rate).
-        self.drop_path = (
-            nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs) if drop_path > 0 else None
-        )
-
-    def _branch(self, y, layer_scale, train: bool):
-        if layer_scale is not None:
-            y = layer_scale(y)
-        if self.drop_path is not None:
-            y = self.drop_path(y, deterministic=not train)
-        return y
-
-    def __call__(self, x, key_mask=None, *, train: bool = False):
-        x = x + self._branch(self.attn(self.norm1(x), key_mask), self.ls1, train)
-        return x + self._branch(self.mlp(self.norm2(x)), self.ls2, train)
-
-
-def _run_block(block: Block, x, key_mask, train: bool):
-    return block(x, key_mask, train=train)
-
 
 # cuDNN's fused attention needs an even sequence to train with a mask (ViT-B/16 has 197
 # tokens); a multiple of 8 also keeps its tiles whole.
@@ -205,6 +92,8 @@ class VisionTransformer(nnx.Module):
     strategy) only on an even sequence: the tokens are then padded to a multiple of
     `CUDNN_SEQ_MULTIPLE` with padding tokens no token attends to, dropped after the blocks.
     dtype: the compute dtype ("auto": bf16 on accelerators, fp32 on the CPU).
+    remat: a `stacking.REMAT_POLICIES` name (or True / False); scan_blocks: the blocks run as
+    one `lax.scan` (late masking before the last block scans the blocks on each side of it).
     """
 
     def __init__(
@@ -225,7 +114,8 @@ class VisionTransformer(nnx.Module):
         no_embed_class: bool = False,
         drop_path_rate: float = 0.0,
         dtype=jnp.float32,
-        remat: bool = False,
+        remat: str | bool = "none",
+        scan_blocks: bool = False,
         kernels: str = "auto",
         attn_impl: str | None = "auto",
         pos_embed_antialias: bool = False,
@@ -273,7 +163,8 @@ class VisionTransformer(nnx.Module):
         self.no_embed_class = no_embed_class
         self.num_pos_prefix_tokens = 0 if no_embed_class else self.num_prefix_tokens
         self.dtype = dtype
-        self.remat = remat
+        self.remat = stacking.remat_policy(remat)
+        self.scan_blocks = scan_blocks
         self.pos_embed_antialias = pos_embed_antialias
         self.masking = masking
         self.early_fill_value = tuple(float(v) for v in fill)  # static: not a parameter
@@ -358,8 +249,9 @@ class VisionTransformer(nnx.Module):
         ones = jnp.ones((b, self.num_prefix_tokens), dtype)
         return jnp.concatenate([ones, token_mask.reshape(b, -1).astype(dtype)], axis=1)
 
-    def _forward(self, x, mask, train: bool):
-        """-> (tokens after `norm` (B, N, D), pooling mask (B, h, w) or None, block outputs)."""
+    def _forward(self, x, mask, train: bool, collect: bool = False):
+        """-> (tokens after `norm` (B, N, D), pooling mask (B, h, w) or None, block outputs
+        (scanned blocks: only if `collect`))."""
         if x.ndim != 4 or x.shape[-1] != self.in_chans:
             raise ValueError(f"expected NHWC images with {self.in_chans} channels, got {x.shape}")
         masking_lib.check_mask(x, mask, self.masking)
@@ -381,15 +273,22 @@ class VisionTransformer(nnx.Module):
         # late_block=-k < -1 masks after block depth-k (behind `late_norm`); -1 after `norm`.
         mask_after = self.depth + self.late_block if self.late_norm is not None else None
 
-        run = nnx.remat(_run_block, static_argnums=(3,)) if self.remat else _run_block
         length = tokens.shape[1]
         if key_mask is not None and self.attn_impl == "cudnn":
             tokens, key_mask = _pad_tokens(tokens, key_mask, CUDNN_SEQ_MULTIPLE)
+
+        def apply(block, x, drop):
+            return layers.constrain_batch(block(x, key_mask, train=train, drop=drop))
+
+        splits = [0, self.depth] if mask_after is None else [0, mask_after + 1, self.depth]
         intermediates = []
-        for i, block in enumerate(self.blocks):
-            tokens = layers.constrain_batch(run(block, tokens, key_mask, train))
-            intermediates.append(tokens[:, :length])
-            if i == mask_after:
+        for start, stop in zip(splits[:-1], splits[1:]):
+            tokens, outputs = stacking.run_blocks(
+                self.blocks[start:stop], tokens, apply, remat=self.remat,
+                scan=self.scan_blocks, train=train, collect=collect,
+            )  # fmt: skip
+            intermediates += [out[:, :length] for out in outputs]
+            if stop - 1 == mask_after:
                 tokens = self.late_norm(tokens) * token_scale
         tokens = self.norm(tokens[:, :length])
         if token_scale is not None and self.late_norm is None:
@@ -400,7 +299,7 @@ class VisionTransformer(nnx.Module):
         """(tokens after the final norm, [output of each block]), all (B, prefix + h*w, D).
 
         Block outputs are taken before any late masking that follows them."""
-        tokens, _, intermediates = self._forward(x, mask, train)
+        tokens, _, intermediates = self._forward(x, mask, train, collect=True)
         return tokens, intermediates
 
     def forward_features(self, x, mask=None, *, train: bool = False):

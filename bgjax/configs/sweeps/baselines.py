@@ -1,5 +1,5 @@
 r"""The field's baselines for group robustness on the built-in synthetic dataset, each method's
-hyperparameters chosen by validation worst-group accuracy (`bgjax.aggregate.Selection`):
+hyperparameters chosen by validation worst-group accuracy (`bgjax.selection.Selection`):
 
     bgjax sweep --config sweeps/baselines.py --workdir runs/baselines
     bgjax aggregate runs/baselines            # aggregate.md ends with the methods table
@@ -7,7 +7,8 @@ hyperparameters chosen by validation worst-group accuracy (`bgjax.aggregate.Sele
     erm             plain training (the demo's baseline: small ConvNeXt, 400 steps)
     class_balanced  every class equally often per epoch (`data.sampling`)
     group_balanced  every label x habitat group equally often per epoch
-    group_dro       online group weights (Sagawa et al., ICLR 2020), step size eta swept
+    group_dro       online group weights (Sagawa et al., ICLR 2020) on group-balanced batches,
+                    step size eta swept
     jtt             Just Train Twice (Liu et al., ICML 2021): an ERM identification run of T
                     steps (its own stage, not evaluated), then runs whose epochs repeat its
                     misclassified training examples; T and lambda_up swept
@@ -71,7 +72,12 @@ def get_config(arg=None):
         stage({"name": "class_balanced", "data.sampling": "class_balanced"}, **run),
         stage({"name": "group_balanced", "data.sampling": "group_balanced"}, **run),
         stage(
-            {"name": "group_dro", "loss.group_dro.adjustment": 0.0},
+            # group-balanced sampling, as the authors' commands (--reweight_groups --robust)
+            {
+                "name": "group_dro",
+                "data.sampling": "group_balanced",
+                "loss.group_dro.adjustment": 0.0,
+            },
             ("loss.group_dro.eta", [0.01, 0.1]),
             **run,
         ),
