@@ -46,6 +46,16 @@ class GroupSource:
         )  # fmt: skip
 
 
+class BoxedSource(GroupSource):
+    """GroupSource with the object in the top-left quarter: backgrounds to swap (mixed)."""
+
+    def __getitem__(self, index):
+        example = super().__getitem__(index)
+        example["mask"] = np.zeros((8, 8), np.uint8)
+        example["mask"][:4, :4] = 1
+        return dict(example, bbox=np.array([0, 0, 4, 4], np.int32))
+
+
 def _untrained_run(workdir, **data):
     """A tiny ViT run's workdir with the initial state saved as its checkpoint at step 2."""
     from bgjax import checkpoint
@@ -63,12 +73,13 @@ def _untrained_run(workdir, **data):
     return config, source
 
 
-def _stream(source, mode="group_balanced", seed=0, upweight_file="", factor=1):
+def _stream(source, mode="group_balanced", seed=0, upweight_file="", factor=1, variant="original"):
     data = dict(sampling=mode, upweight=dict(file=upweight_file, factor=factor))
     plan = sampling.Sampling.from_config(data)
     return iter(
         pipeline.build(
             source, batch_size=4, image_size=8, train=True, seed=seed, sampling=plan,
+            variant=variant,
             read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=2),
         )
     )  # fmt: skip
@@ -91,6 +102,21 @@ def test_balanced_epochs_draw_every_stratum_equally_often(mode, strata):
     for epoch in (slice(0, 48), slice(48, 96)):
         counts = np.bincount(by[epoch], minlength=strata)
         assert counts.tolist() == [48 // strata] * strata, counts
+
+
+@pytest.mark.parametrize("variant", ["mixed_rand", "mixed_next"])
+def test_group_balanced_mixed_variants_balance_the_foreground_classes(variant):
+    """No habitats (as IN-9): a mixed variant's background class is drawn after the example,
+    uniformly (MIXED_RAND) or from the class (MIXED_NEXT), so the groups are balanced through
+    the classes; the same source on ORIGINAL has no groups to balance."""
+    source = BoxedSource(habitats=False)  # classes 34 / 14
+    labels, _ = _labels_and_habitats(_stream(source, variant=variant), 48 // 4)
+    assert np.bincount(labels, minlength=2).tolist() == [24, 24]
+    with pytest.raises(ValueError, match="no label x habitat groups"):
+        _stream(source, variant="original")
+    plan = sampling.Sampling("group_balanced")
+    assert plan.for_variant("mixed_same").mode == "class_balanced"
+    assert plan.for_variant({"mixed_rand": 1.0}) is plan  # a mixture keeps the habitats' groups
 
 
 def test_balanced_epoch_cycles_each_stratum_before_repeating_and_differs_per_epoch():

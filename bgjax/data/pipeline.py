@@ -328,7 +328,7 @@ def build(
     if train and sampling.natural:
         ds = ds.shuffle().repeat(num_epochs)
     elif train:
-        ds = sampling.apply(ds, source.info, seed).repeat(num_epochs)
+        ds = sampling.for_variant(variant).apply(ds, source.info, seed).repeat(num_epochs)
     ds = ds.random_map(Composite(source, variant))
     if train and augment:
         ds = ds.random_map(Augment(augment, image_size))

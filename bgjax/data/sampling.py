@@ -9,10 +9,12 @@ A balanced epoch has as many draws as the dataset has examples and gives every n
 stratum (class, or group g = label * num_habitats + habitat as in `bgjax.metrics`) the same
 number of them (±1). Within a stratum the members come in a fresh random order, cycled as often
 as needed, so a small group repeats and a large one is subsampled but no example comes twice
-before every member of its stratum came once. That is stratified rather than the independent
-weighted draws of group DRO's reweighting sampler (Sagawa et al., ICLR 2020): the same
-expected frequencies, without their sampling noise. An upweighted epoch is every example once
-plus the listed ones `factor - 1` more times (Liu et al., ICML 2021), shuffled.
+before every member of its stratum came once. Training on a mixed variant, whose background is
+drawn after the example, balances the groups through the foreground classes (`for_variant`).
+That is stratified rather than the independent weighted draws of group DRO's reweighting sampler
+(Sagawa et al., ICLR 2020): the same expected frequencies, without their sampling noise. An
+upweighted epoch is every example once plus the listed ones `factor - 1` more times (Liu et al.,
+ICML 2021), shuffled.
 
 `Resampled` reads the parent dataset through that per-epoch plan. The plan of epoch e comes
 from (seed, e) alone, so element e * L + i is random access: the Grain iterator checkpoints its
@@ -30,6 +32,8 @@ from typing import Any
 import grain
 import numpy as np
 from etils import epath
+
+from bgjax.variants import MIXED
 
 SAMPLINGS = ("natural", "class_balanced", "group_balanced")
 _PLAN_STREAM = 7  # keeps the plans' random stream apart from other users of the seed
@@ -152,6 +156,17 @@ class Sampling:
     @property
     def natural(self) -> bool:
         return self.mode == "natural" and not (self.upweight and self.upweight_factor > 1)
+
+    def for_variant(self, variant: Any) -> Sampling:
+        """The sampling that balances the groups of images composited as `variant`. A mixed
+        variant's background is drawn after the example (`variants.PartnerSampler`): for
+        MIXED_RAND from a uniformly random class, independently of the foreground, and for
+        MIXED_SAME / MIXED_NEXT from a class fixed by the foreground's. So balancing the
+        foreground classes balances the label x background-class groups (in expectation for
+        MIXED_RAND, exactly otherwise), also on datasets without habitats (IN-9)."""
+        if self.mode == "group_balanced" and isinstance(variant, str) and variant in MIXED:
+            return dataclasses.replace(self, mode="class_balanced")
+        return self
 
     def apply(self, ds: grain.MapDataset, info, seed: int) -> grain.MapDataset:
         """`ds` (the source, index i = example i) resampled into one epoch (`Resampled`)."""
