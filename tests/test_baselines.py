@@ -278,7 +278,8 @@ def _fake_rows(jobs, val_by_setting, rng):
 def test_selection_picks_each_methods_best_validation_setting_and_reports_test_over_seeds(
     tmp_path,
 ):
-    from bgjax import aggregate, selection, sweep
+    from bgjax import aggregate, sweep
+    from bgjax import selection as selection_lib
 
     config = config_utils.load_config("sweeps/baselines.py")
     jobs = sweep.expand(config, root=str(tmp_path))
@@ -297,7 +298,7 @@ def test_selection_picks_each_methods_best_validation_setting_and_reports_test_o
         )
         assert aggregate.dfr_source(tmp_path / f"dfr-{row['run']}") == row["run"]
         rows.append(dict(row, run=f"dfr-{row['run']}", dfr_of=row["run"]))
-    selection = selection.Selection.from_manifest(tmp_path)
+    selection = selection_lib.Selection.from_manifest(tmp_path)
     paths = aggregate.write_outputs(tmp_path, rows, selection)
     chosen = {m["method"]: m for m in json.loads(Path(paths["selection"]).read_text())["methods"]}
     methods = ["erm", "class_balanced", "group_balanced", "group_dro", "jtt", "dfr+erm"]
@@ -320,7 +321,7 @@ def test_selection_picks_each_methods_best_validation_setting_and_reports_test_o
     table = Path(paths["md"]).read_text()
     assert "| group_dro | eta0.1 | 3 |" in table
     # Selecting by the minimum (e.g. a loss) takes the other setting.
-    low = selection.select(rows, dataclasses.replace(selection, mode="min"))
+    low = selection_lib.select(rows, dataclasses.replace(selection, mode="min"))
     assert {m["method"]: m["setting"] for m in low}["group_dro"] == {
         "loss.group_dro.eta": "eta0.01"
     }
