@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import re
 import signal
 import sys
@@ -46,7 +47,12 @@ STOPS_ON_SIGTERM = ("train",)
 def _stop_on_sigterm(name: str, signum: int, frame) -> None:
     del signum, frame
     print(f"bgjax {name}: SIGTERM before training started: nothing to save", file=sys.stderr)
-    raise SystemExit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not SystemExit: raised in the middle of importing JAX's C extensions (or with its threads
+    # half started) the interpreter's shutdown can crash (SIGSEGV). Nothing is on disk yet: the
+    # trainer takes over SIGTERM before it locks or writes the workdir.
+    os._exit(0)
 
 
 def _usage() -> str:
