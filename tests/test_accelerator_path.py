@@ -245,11 +245,14 @@ def test_masks_go_to_the_devices_only_when_the_step_reads_them():
 
 
 @pytest.mark.slow  # compiles a train step
-def test_fsdp_shards_large_tensors_and_gathers_weights_not_activations():
+@pytest.mark.parametrize(
+    "arch, model", [("vit", dict(embed_dim=32)), ("resnet", dict(channels=(8, 16, 32, 64)))]
+)
+def test_fsdp_shards_large_tensors_and_gathers_weights_not_activations(arch, model):
     """On a 4-way fsdp mesh: tensors under `fsdp_min_size` elements (biases, norms, small
     kernels) stay replicated; with the activations pinned to the batch axes at block
     boundaries, every all-gather of the step is a weight's (none gathers activations)."""
-    config = _config("vit", dtype="bfloat16", embed_dim=32)
+    config = _config(arch, dtype="bfloat16", **model)
     config.fsdp_min_size = 1024  # the tiny model's scale of "large"
     mesh = parallel.make_mesh([("data", 1), ("fsdp", 4)])
     setup, step = _step(config, mesh)

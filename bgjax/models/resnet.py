@@ -7,7 +7,9 @@ included (`running_mean` / `running_var`). Images are NHWC. As in timm: the 7x7/
 zero-initialised last BN of each block, linear stochastic depth. On top: early / late
 background masking (Aniraj et al., ICCVW 2023; the ConvNeXt rule, late after `layer3` or
 `layer4`), per-block rematerialisation, a compute dtype separate from the fp32 parameters, FSDP
-metadata on kernels and the lowering chosen once by `kernels` (see `cpu_kernels`).
+metadata on kernels, activations pinned to the batch axes after each conv+BN (`constrain_batch`:
+under FSDP the partitioner then gathers weights, not activations) and the lowering chosen once
+by `kernels` (see `cpu_kernels`).
 
 BatchNorm. Parameters `scale`/`bias` are `nnx.Param`; `running_mean`/`running_var` are
 `nnx.BatchStat`, so the trainer's split (`train_state`: trainable params vs the rest) carries
@@ -166,6 +168,7 @@ class Block(nnx.Module):
         y = x
         for i in range(1, self.num_convs + 1):
             y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y), use_batch_stats=bn_train)
+            y = layers.constrain_batch(y)
             if i < self.num_convs:
                 y = jax.nn.relu(y)
         if self.drop_path is not None:
@@ -174,7 +177,7 @@ class Block(nnx.Module):
         if self.downsample is not None:
             down_conv, down_bn = self.downsample
             shortcut = down_bn(down_conv(x), use_batch_stats=bn_train)
-        return jax.nn.relu(y + shortcut)
+        return layers.constrain_batch(jax.nn.relu(y + shortcut))
 
 
 def _run_block(block: Block, x, train: bool, bn_train: bool):
@@ -297,6 +300,7 @@ class ResNet(nnx.Module):
             x = masking_lib.early_mask(x, mask, jnp.asarray(self.early_fill_value, x.dtype))
         bn_train = train and not self.freeze_bn
         x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), use_batch_stats=bn_train))
+        x = layers.constrain_batch(x)
         out = {"stem": x}
         x = max_pool_3x3_s2(x)
         run = stacking.with_remat(_run_block, self.remat, static_argnums=(2, 3))
