@@ -214,14 +214,22 @@ def bar_panels(
     chance: float | None = None,
 ) -> str:
     """Grouped bars in several panels: {panel title: {series: {group: fraction}}} (None leaves
-    a gap). With `ylim=None` negative values (a BG-gap) stay visible; `chance` draws a line."""
+    a gap; a value of 0 is marked "0" so that it does not read as a gap). With `ylim=None`
+    negative values (a BG-gap) stay visible; `chance` draws a line."""
 
     def draw(ax, title, series, colours):
         groups = list(dict.fromkeys(k for values in series.values() for k in values))
         x, width = np.arange(len(groups)), 0.8 / max(1, len(series))
         for i, (label, values) in enumerate(series.items()):
             heights = [np.nan if values.get(g) is None else 100 * values[g] for g in groups]
-            ax.bar(x - 0.4 + (i + 0.5) * width, heights, width, color=colours[label])
+            positions = x - 0.4 + (i + 0.5) * width
+            ax.bar(positions, heights, width, color=colours[label])
+            for position, height in zip(positions, heights):
+                if round(height, 1) == 0:  # a bar of no height: say it is 0, not missing
+                    ax.annotate(
+                        "0", (position, 0), xytext=(0, 1), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, color=colours[label],
+                    )  # fmt: skip
         if chance is not None:
             ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1)
         ax.axhline(0, color="black", linewidth=0.6)
