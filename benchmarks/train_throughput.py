@@ -31,6 +31,7 @@ for another device; none for CPUs).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -57,8 +58,9 @@ PEAK_BF16_TFLOPS = (
     ("tpu v6e", 918.0),
 )
 COLUMNS = (
-    "arch", "dtype", "remat", "scan", "devices", "batch", "img_s", "img_s_device", "cpu_img_s",
-    "step_s", "tflops", "mfu", "xla_tflops_device", "xla_mfu_device", "compile_s", "loss",
+    "impl", "arch", "dtype", "remat", "scan", "devices", "batch", "img_s", "img_s_device",
+    "cpu_img_s", "step_s", "tflops", "mfu", "xla_tflops_device", "xla_mfu_device", "compile_s",
+    "loss",
 )  # fmt: skip
 
 
@@ -84,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dw-impl", default=None, help="ConvNeXt depthwise conv: auto|shifted|grouped")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--peak-tflops", type=float, default=None, help="per device (default: table)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="a timm_amp.py --json result (same arch, same GPU) to report beside ours",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     if min(args.batch, args.steps, args.repeats, args.prefetch) < 1:
@@ -197,6 +204,7 @@ def make_mesh(args):
 def run(args) -> dict:
     import jax
 
+    reference = args.reference and load_reference(args.reference, args.arch)
     backend = jax.default_backend()
     mesh = make_mesh(args)
     train_step, attn = build(args, mesh)
@@ -236,6 +244,7 @@ def run(args) -> dict:
         return None if tflops is None or peak is None else tflops / (peak * per)
 
     row.update(
+        impl="ours (bgjax, jax)",
         arch=args.arch,
         dtype=args.dtype,
         remat=args.remat,
@@ -253,17 +262,47 @@ def run(args) -> dict:
         flops_step_xla_device=train_step.flops,
         attn_impl=attn,
     )
-    return dict(
+    result = dict(
         benchmark="train_throughput",
         args=vars(args),
         peak_tflops_per_device=peak,
         machine=common.machine_info(),
         rows=[row],
     )
+    if reference:
+        add_reference(result, reference, model_flops, mfu)
+    return result
+
+
+def load_reference(path: str, arch: str) -> dict:
+    """A timm_amp.py --json result for `arch`, checked before anything compiles."""
+    reference = json.loads(Path(path).read_text())
+    if reference.get("benchmark") != "timm_amp":
+        raise SystemExit(f"--reference {path}: not a timm_amp.py result")
+    if reference["rows"][0]["arch"] != arch:
+        raise SystemExit(f"--reference {path}: arch {reference['rows'][0]['arch']}, not {arch}")
+    return reference
+
+
+def add_reference(result: dict, reference: dict, model_flops: float | None, mfu) -> None:
+    """timm_amp.py's result (one device) as a second row, with the same model-FLOPs MFU, and the
+    ratio of the two img/s per device."""
+    (ref,) = reference["rows"]
+    tflops = None if model_flops is None else model_flops * ref["img_s"] / 1e12
+    row = dict(ref, dtype=f"amp {ref['amp']}", devices=1, img_s_device=ref["img_s"])
+    row.update(tflops=tflops, mfu=mfu(tflops, 1))
+    result["rows"].append(row)
+    result["reference_machine"] = reference["machine"]
+    result["ratio"] = dict(img_s_device=result["rows"][0]["img_s_device"] / ref["img_s"])
 
 
 def report(result: dict) -> str:
     a, row = result["args"], result["rows"][0]
+    ratio = result.get("ratio")
+    if ratio:
+        reference = result["reference_machine"]
+        versions = f"torch {reference['torch']}, timm {reference['timm']} on {reference['device']}"
+        ratio = f"\nratio ours/timm, img/s per device: {ratio['img_s_device']:.2f} ({versions})"
     peak = result["peak_tflops_per_device"]
     peak_text = f"{peak:g} TFLOP/s bf16 dense per device" if peak else "none known (MFU n/a)"
     flops = (
@@ -274,7 +313,7 @@ def report(result: dict) -> str:
         f"### train throughput: {a['arch']} {a['dtype']} remat={a['remat']} scan={a['scan']} "
         f"attention={row['attn_impl'] or 'default'} mesh={a['mesh']}\n\n"
         f"{common.markdown_table(result['rows'], COLUMNS)}\n\n"
-        f"peak: {peak_text}; {flops}\n{common.machine_line(result['machine'])}"
+        f"peak: {peak_text}; {flops}\n{common.machine_line(result['machine'])}{ratio or ''}"
     )
 
 

@@ -4,6 +4,8 @@ numbers. Functional checks only: no timing is asserted (timings live in BENCHMAR
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -126,21 +128,49 @@ def test_benchmark_times_the_trainers_jitted_step(monkeypatch):
 # ---------------------------------------------------------------------- end to end
 
 
+def _timm_reference(tmp_path, arch="tiny_vit") -> Path:
+    """timm_amp.py's result for a tiny model on the CPU (bf16 autocast), as a --reference file."""
+    pytest.importorskip("torch")
+    out = tmp_path / f"timm_{arch}.json"
+    argv = ["--arch", arch, "--size", "32", "--batch", "4", "--steps", "2", "--repeats", "2"]
+    _load("timm_amp").main([*argv, "--warmup", "1", "--classes", "10", "--json", str(out)])
+    return out
+
+
 def test_train_throughput_tiny_cpu(tmp_path, capsys):
     out = tmp_path / "throughput.json"
     args = [*TINY, "--batch", "8", "--dtype", "float32", "--steps", "2", "--repeats", "2"]
     argv = [*args, "--warmup", "1", "--devices", "2", "--peak-tflops", "0.5", "--json", str(out)]
-    throughput.main(argv)  # a CPU has no peak in the table: one is given
+    reference = _timm_reference(tmp_path)
+    throughput.main([*argv, "--reference", str(reference)])  # a CPU has no peak: one is given
     result = json.loads(out.read_text())
-    (row,) = result["rows"]
+    row, timm = result["rows"]
     _sane_row(row, 8)
     assert row["devices"] == 2 and row["img_s_device"] == pytest.approx(row["img_s"] / 2)
     assert row["flops_step_xla_device"] > 0 and row["xla_tflops_device"] > 0
     _check_mfu(row, 8, devices=2, peak=0.5)
+    # timm's row: its own img/s with the same model FLOPs per image and peak, on one device
+    assert timm["impl"] == "timm AMP (torch)" and timm["amp"] == "bfloat16"
+    assert timm["img_s"] == pytest.approx(4 / timm["step_s"]) and timm["loss"] > 0
+    per_image = row["flops_step_model"] / 8
+    assert timm["mfu"] == pytest.approx(per_image * timm["img_s"] / 0.5e12)
+    assert result["ratio"]["img_s_device"] == pytest.approx(row["img_s_device"] / timm["img_s"])
     printed = capsys.readouterr().out
-    assert "| tiny_vit | float32 |" in printed and "0.5 TFLOP/s" in printed
+    assert "| ours (bgjax, jax) | tiny_vit | float32 |" in printed and "0.5 TFLOP/s" in printed
+    assert "| timm AMP (torch) | tiny_vit | amp bfloat16 |" in printed
+    assert "ratio ours/timm, img/s per device" in printed
     with pytest.raises(SystemExit, match="--devices 64"):
         throughput.main([*args, "--devices", "64"])
+
+
+def test_reference_of_another_model_is_refused_before_compiling(tmp_path):
+    reference = tmp_path / "timm.json"
+    reference.write_text(json.dumps(dict(benchmark="timm_amp", rows=[dict(arch="convnext_base")])))
+    with pytest.raises(SystemExit, match="arch convnext_base, not tiny_vit"):
+        throughput.main([*TINY, "--reference", str(reference)])
+    reference.write_text(json.dumps(dict(benchmark="train_vs_timm", rows=[])))
+    with pytest.raises(SystemExit, match="not a timm_amp.py result"):
+        throughput.main([*TINY, "--reference", str(reference)])
 
 
 def test_train_vs_timm_tiny_cpu(tmp_path, capsys):
@@ -297,3 +327,24 @@ def test_depthwise_choices_time_the_configs_model(tmp_path, capsys):
     assert min(r["speedup"] for r in result["rows"]) == 1.0  # relative to the slower choice
     assert depthwise.config_for(depthwise.parse_args(argv), "grouped").model.dw_impl == "grouped"
     assert "| grouped |" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two processes: timm's step and ours (compiled)
+def test_gpu_check_script_runs_both_sides_and_falls_back_to_smaller_batches(tmp_path):
+    """benchmarks/gpu_check.sh, the one prepared call for a lent GPU, run here on a tiny model:
+    a batch that fails (0) falls back to the next one, and both results land in OUTDIR."""
+    pytest.importorskip("torch")
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # its python3: this one
+        GPU_CHECK_CASES="tiny_vit 0 4",
+        GPU_CHECK_EXTRA="--size 32 --steps 1 --repeats 1 --warmup 0 --classes 10",
+    )
+    script = BENCHMARKS / "gpu_check.sh"
+    done = subprocess.run(["bash", script, tmp_path], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ours = json.loads((tmp_path / "ours_tiny_vit.json").read_text())
+    assert [row["impl"] for row in ours["rows"]] == ["ours (bgjax, jax)", "timm AMP (torch)"]
+    assert ours["args"]["batch"] == 4 and ours["rows"][1]["batch"] == 4
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "== tiny_vit, batch 0" in log and "ratio ours/timm" in log
