@@ -26,9 +26,10 @@ fi
 OUTDIR=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUTDIR"
 exec > >(tee "$OUTDIR/gpu_check.log") 2>&1
-if compgen -G ".whl/*.whl" > /dev/null; then
+WHEEL_DIR=${GPU_CHECK_WHEELS:-.whl}  # the tests point it elsewhere: the wheels are for the GPU
+if compgen -G "$WHEEL_DIR/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site "$WHEEL_DIR"/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

@@ -337,6 +337,7 @@ def test_gpu_check_script_runs_both_sides_and_falls_back_to_smaller_batches(tmp_
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # its python3: this one
+        GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # .whl/ holds the GPU image's (cp312)
         GPU_CHECK_CASES="tiny_vit 0 4",
         GPU_CHECK_EXTRA="--size 32 --steps 1 --repeats 1 --warmup 0 --classes 10",
     )
