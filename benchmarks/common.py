@@ -185,6 +185,22 @@ def model_kwargs(arch: str, size: int) -> dict[str, Any]:
     return kwargs
 
 
+def timm_model(arch: str, size: int, num_classes: int):
+    """(timm's model of `arch` at `size` px, randomly initialised; timm's version), imported
+    through the tests' shim for this project's CPU torch wheel (tests/timm_compat.py)."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from timm_compat import import_timm
+
+    timm = import_timm()
+    kwargs = model_kwargs(arch, size)
+    model = timm.create_model(
+        kwargs.pop("name"), pretrained=False, num_classes=num_classes, **kwargs
+    )
+    return model, timm.__version__
+
+
 def benchmark_info(num_classes: int):
     """A DatasetInfo for generated batches: `num_classes` classes, ImageNet normalisation."""
     import numpy as np

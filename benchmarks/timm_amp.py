@@ -58,20 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_model(args, torch):
-    tests = str(common.REPO / "tests")  # the tests' shim for this project's CPU torch wheel
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from timm_compat import import_timm
-
-    timm = import_timm()
-    kwargs = common.model_kwargs(args.arch, args.size)
-    name = kwargs.pop("name")
-    model = timm.create_model(name, pretrained=False, num_classes=args.classes, **kwargs)
+    model, timm_version = common.timm_model(args.arch, args.size, args.classes)
     channels_last = args.channels_last
     if channels_last is None:
-        channels_last = not name.startswith("vit_")
+        channels_last = not common.model_kwargs(args.arch, args.size)["name"].startswith("vit_")
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return model, layout, channels_last, timm.__version__
+    return model, layout, channels_last, timm_version
 
 
 def run(args) -> dict:

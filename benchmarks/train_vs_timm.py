@@ -125,17 +125,8 @@ class Timm:
 
         import torch
 
-        tests = str(Path(__file__).resolve().parents[1] / "tests")  # the tests' torch shim
-        if tests not in sys.path:
-            sys.path.insert(0, tests)
-        from timm_compat import import_timm
-
-        timm = import_timm()
+        self.model, _ = common.timm_model(args.arch, args.size, args.classes)
         torch.set_num_threads(threads)
-        kwargs = common.model_kwargs(args.arch, args.size)
-        self.model = timm.create_model(
-            kwargs.pop("name"), pretrained=False, num_classes=args.classes, **kwargs
-        )
         self.model.train()
         self.layout = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.layout)
