@@ -16,6 +16,7 @@ import concurrent.futures
 import io
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,10 +151,16 @@ def decode_grey(data: bytes, what: str) -> np.ndarray:
     return _decode(io.BytesIO(data), "L", what)
 
 
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's parser can fail with
+# "AST constructor recursion depth mismatch" when threads (Grain's prefetch) parse at once.
+_NPY_LOAD = threading.Lock()
+
+
 def read_npy_mask(path: str | os.PathLike) -> np.ndarray:
     """A 2-D .npy mask as uint8 {0, 1} (> 0.5 is foreground). Never unpickles."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with _NPY_LOAD:
+            array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"mask {path} does not exist") from None
     except (OSError, ValueError) as e:
