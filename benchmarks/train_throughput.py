@@ -12,7 +12,8 @@ the devices `--prefetch` steps ahead (double buffering), so host->device copies 
 compute as in training. Attention is the model's choice (`--attn-impl auto`, the trainer's
 `model.attention`): cuDNN's fused kernel on NVIDIA GPUs in bf16, else XLA's. `--remat` is a
 `bgjax.models.stacking` policy (`model.remat`; "block" is the older name of "full"), `--scan`
-runs identical blocks as one `lax.scan` (`model.scan_blocks`); `compile_s` shows what it saves.
+stores identical blocks stacked and runs them as one `lax.scan` (`model.scan_blocks`);
+`compile_s` shows what it saves.
 
 Timing: `--repeats` windows of `--steps` steps each, dispatched asynchronously and waited for
 at the end of the window; the median window gives img/s.
@@ -74,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     remat_choices = (*stacking.REMAT_POLICIES, "block")
     p.add_argument("--remat", default="none", choices=remat_choices, help="block = full")
-    p.add_argument("--scan", action="store_true", help="identical blocks as one lax.scan")
+    p.add_argument(
+        "--scan", action="store_true", help="identical blocks stacked, run as one lax.scan"
+    )
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")

@@ -176,7 +176,8 @@ def set_tiny(c: ml_collections.ConfigDict, arch: str) -> None:
 
 # Documented model options of each family, at the models' defaults, so each can be set on the
 # command line (`--config.model.late_stage=4`). head_pool "": the masking strategy's default.
-# scan_blocks: identical blocks run as one lax.scan (compiles faster; bgjax.models.stacking).
+# scan_blocks: each stack of identical blocks stored stacked and run as one lax.scan (compiles
+# faster; a run resumes only with the value it started with; bgjax.models.stacking).
 MODEL_OPTIONS = {
     "convnext": dict(late_stage=3, scan_blocks=False),
     "resnet": dict(late_stage=3, freeze_bn=False),

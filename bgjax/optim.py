@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import optax
 
+from bgjax.models import stacking
 from bgjax.parallel import _path_key
 
 # Parameters excluded from weight decay by name, besides every rank < 2 tensor (biases, norm
@@ -46,7 +47,8 @@ def schedule(cfg: Any, total_steps: int, scale: float = 1.0) -> optax.Schedule:
 def decays(path: Sequence[Any], leaf: Any) -> bool:
     """Whether weight decay applies to the parameter at `path` (kernels and weight matrices)."""
     keys = _path_key(path)
-    return leaf.ndim >= 2 and not any(k in NO_DECAY_NAMES for k in keys)
+    rank = leaf.ndim - stacking.stacked_axes(keys)  # a stacked block's bias is still a bias
+    return rank >= 2 and not any(k in NO_DECAY_NAMES for k in keys)
 
 
 def is_head(path: Sequence[Any], prefixes: Sequence[Sequence[str]]) -> bool:

@@ -22,8 +22,9 @@ from bgjax import workdir as workdir_lib
 # Keys a rerun may change and still resume the run (README, "Resume / preemption"): how long it
 # trains (the schedule's length and warm-up follow), how often it logs, evaluates and saves, how
 # fast it reads, the mesh (a checkpoint restores onto another), where the same data lives, and the
-# learning rate and clipping that a NaN stop asks to lower or enable, and how the blocks run
-# (`model.remat`, `model.scan_blocks`: memory and compile time, not the parameters or the math).
+# learning rate and clipping that a NaN stop asks to lower or enable, and the blocks' remat policy
+# (`model.remat`: memory, not the parameters or the math). `model.scan_blocks` is no such key: it
+# stores each stack of blocks as one stacked array, so the checkpoints' layout follows it.
 # Any other change (model, data, task, masks, recipe) would make the checkpoints another run's:
 # it is refused.
 SAFE_ON_RESUME = (
@@ -49,7 +50,6 @@ SAFE_ON_RESUME = (
     "data.segmentations",
     "eval.data.root",
     "model.remat",
-    "model.scan_blocks",
 )
 _ABSENT = "(absent)"
 

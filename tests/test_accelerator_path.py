@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from bgjax import config_utils, parallel, train_state, train_step
 from bgjax.data import DatasetInfo
-from bgjax.models import cpu_kernels, vit
+from bgjax.models import cpu_kernels, stacking, vit
 
 NUM_CLASSES = 5  # a width no other layer of the tiny models has: it marks the head's dots
 BATCH = 8
@@ -246,7 +246,13 @@ def test_masks_go_to_the_devices_only_when_the_step_reads_them():
 
 @pytest.mark.slow  # compiles a train step
 @pytest.mark.parametrize(
-    "arch, model", [("vit", dict(embed_dim=32)), ("resnet", dict(channels=(8, 16, 32, 64)))]
+    "arch, model",
+    [
+        ("vit", dict(embed_dim=32)),
+        ("vit", dict(embed_dim=32, depth=2, scan_blocks=True)),
+        ("resnet", dict(channels=(8, 16, 32, 64))),
+    ],
+    ids=["vit", "vit_scanned", "resnet"],
 )
 def test_fsdp_shards_large_tensors_and_gathers_weights_not_activations(arch, model):
     """On a 4-way fsdp mesh: tensors under `fsdp_min_size` elements (biases, norms, small
@@ -262,7 +268,10 @@ def test_fsdp_shards_large_tensors_and_gathers_weights_not_activations(arch, mod
         assert size >= config.fsdp_min_size or spec == P(), (path, leaf.shape, spec)
         shapes[jax.tree_util.keystr(path)] = leaf.shape
         if spec != P():
-            sharded.add(tuple(leaf.shape))
+            # Stacked blocks (scan_blocks): the scan gathers one block's slice at a time.
+            stacked = stacking.stacked_axes(parallel._path_key(path))
+            assert stacked == 0 or spec[0] is None, (path, spec)  # never shard the block axis
+            sharded.add(tuple(leaf.shape[stacked:]))
     assert len(sharded) >= 3 and len(sharded) < len(shapes)
     hlo = step.lower(setup.abstract, _abstract(_host_batch()), None).compile().as_text()
     gathered = {

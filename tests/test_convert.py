@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 from bgjax import checkpoint, config_utils, parallel, train_state
 from bgjax import data as data_lib
 from bgjax import workdir as workdir_lib
-from bgjax.models import convert, registry, timm_io
+from bgjax.models import convert, registry, stacking, timm_io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,12 +73,9 @@ def test_convert_command_refuses_in_one_line(atto_weights, tmp_path):
     assert "missing keys (152)" in lines[0] and "unexpected keys (128)" in lines[0]
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny ViT run's workdir with checkpoints at steps 1 and 2 (other weights), written
-    through the trainer's own pieces without training."""
-    config = config_utils.load_config("synthetic.py:arch=vit,size=tiny")
-    workdir = tmp_path_factory.mktemp("run") / "vit"
+def _write_run(workdir, config):
+    """A run's workdir with checkpoints at steps 1 and 2 (other weights), written through the
+    trainer's own pieces without training."""
     info = data_lib.get_source(config.data, "train").info
     workdir_lib.write_run_files(workdir, config, info)
     setup = train_state.make_setup(config, info, parallel.make_mesh(config.mesh))
@@ -88,6 +85,13 @@ def trained_run(tmp_path_factory):
     ckpt.save(2, dict(state, params=jax.tree.map(lambda p: p + 1, state["params"])))
     ckpt.close()
     return workdir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny ViT run's workdir with checkpoints at steps 1 and 2."""
+    config = config_utils.load_config("synthetic.py:arch=vit,size=tiny")
+    return _write_run(tmp_path_factory.mktemp("run") / "vit", config)
 
 
 def test_to_timm_from_a_training_workdir(trained_run, tmp_path):
@@ -110,6 +114,27 @@ def test_to_timm_from_a_training_workdir(trained_run, tmp_path):
         convert.export_timm_weights(str(trained_run), str(tmp_path / "x.safetensors"), step=7)
     with pytest.raises(FileNotFoundError, match="model.json"):  # neither kind of directory
         convert.export_timm_weights(str(tmp_path), str(tmp_path / "x.safetensors"))
+
+
+def test_a_scanned_run_restores_stacked_and_exports_timm_names(trained_run, tmp_path):
+    # scan_blocks stores the blocks stacked in the checkpoints; eval's restore builds the model
+    # from the run's config, and the export has the per-block timm keys of the unrolled run.
+    config = config_utils.load_config("synthetic.py:arch=vit,size=tiny")
+    config.model.scan_blocks = True
+    scanned = _write_run(tmp_path / "scanned", config)
+    restored = workdir_lib.restore(str(scanned)).model
+    assert isinstance(restored.blocks, stacking.Stack)
+    out = tmp_path / "scanned.safetensors"
+    convert.export_timm_weights(str(scanned), str(out))
+    exported = load_file(str(out))
+    # The export has the unrolled run's keys, loads into its model, which then computes what
+    # the scanned one does.
+    unrolled = workdir_lib.restore(str(trained_run)).model
+    assert exported.keys() == timm_io.to_timm_state_dict(unrolled).keys()
+    timm_io.load_timm_state_dict(unrolled, exported)
+    size = config.data.image_size
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    np.testing.assert_allclose(unrolled(x), restored(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_dir_of_another_model_than_its_model_json_says(atto_weights, tmp_path):

@@ -74,11 +74,25 @@ def module_files(root: Path, package: str) -> dict[str, Path]:
     return modules
 
 
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse` of the file. CPython 3.11 checks the AST conversion's recursion depth against
+    state another thread's parse can move at the same time ("SystemError: AST constructor
+    recursion depth mismatch", seen once with a test worker's background threads): the parse
+    is deterministic, so it is tried again."""
+    for attempt in range(3):
+        try:
+            return ast.parse(path.read_text(), str(path))
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package's modules that module `name` imports anywhere in its file."""
     is_package = path.name == "__init__.py"
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -41,6 +41,7 @@ from bgjax import data as data_lib
 from bgjax import workdir as workdir_lib
 from bgjax.data import pipeline
 from bgjax.masks import apply_model
+from bgjax.models.stacking import Stack
 
 # apply_fn(model, x_normalised (B,H,W,3), mask (B,H,W)) -> logits (B, num_classes)
 ApplyFn = Callable
@@ -99,13 +100,13 @@ def _cam_layer(model) -> tuple[Any, str, Callable]:
 
 
 def _without_remat(model) -> None:
-    """Rematerialisation only saves training memory, and would re-trace the tap: off. So is
-    scanning over the blocks, which stacks blocks and cannot hold a tap among them."""
-    for _, node in nnx.iter_graph(model):
+    """Rematerialisation only saves training memory, and would re-trace the tap: off. Blocks
+    stored stacked (`stacking.Stack`) become separate blocks, so a tap can sit among them."""
+    for _, node in list(nnx.iter_graph(model)):
         if isinstance(node, nnx.Module) and hasattr(node, "remat"):
             node.remat = False
-        if isinstance(node, nnx.Module) and hasattr(node, "scan_blocks"):
-            node.scan_blocks = False
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "blocks", None), Stack):
+            node.blocks = nnx.List(node.blocks.unstacked())
 
 
 def grad_cam(graphdef, state, x, mask, labels, apply_fn: ApplyFn, layer: int = -1):

@@ -98,7 +98,8 @@ class Block(nnx.Module):
 
 class Stage(nnx.Module):
     """Optional downsample (LayerNorm + 2×2/2 conv) followed by `depth` blocks, under the
-    `stacking` remat policy `remat`, as one `lax.scan` if `scan_blocks`."""
+    `stacking` remat policy `remat`; `scan_blocks`: stored as one `stacking.Stack`, run as one
+    `lax.scan`."""
 
     def __init__(
         self,
@@ -124,14 +125,16 @@ class Stage(nnx.Module):
             if downsample
             else None
         )
-        self.blocks = nnx.List(
-            [
-                Block(cout, drop_path=rate, ops=ops, dtype=dtype, rngs=rngs, **block_kwargs)
-                for rate in drop_path_rates
-            ]
+        self.dim = cout
+        block = functools.partial(Block, cout, ops=ops, dtype=dtype, **block_kwargs)
+        self.blocks = stacking.build_blocks(
+            block,
+            drop_path_rates,
+            scan=scan_blocks,
+            drop_path_calls=Block.drop_path_calls,
+            rngs=rngs,
         )
         self.remat = stacking.remat_policy(remat)
-        self.scan_blocks = scan_blocks
 
     def __call__(self, x, *, train: bool = False):
         for layer in self.downsample or ():
@@ -140,9 +143,7 @@ class Stage(nnx.Module):
         def apply(block, x, drop):
             return layers.constrain_batch(block(x, train=train, drop=drop))
 
-        x, _ = stacking.run_blocks(
-            self.blocks, x, apply, remat=self.remat, scan=self.scan_blocks, train=train
-        )
+        x, _ = stacking.run_blocks(self.blocks, x, apply, remat=self.remat, train=train)
         return x
 
 
@@ -193,7 +194,8 @@ class ConvNeXt(nnx.Module):
     kernels: each op's lowering ("auto": the CPU ones on the CPU backend, see `cpu_kernels`),
     resolved here, once; `dw_impl` ("shifted" | "grouped") overrides the depthwise conv's.
     remat: a `stacking.REMAT_POLICIES` name (or True / False); scan_blocks: each stage's blocks
-    run as one `lax.scan`.
+    are stored as one `stacking.Stack` (`stages.2.blocks.stacked.mlp.fc1`, a leading block
+    axis) and run as one `lax.scan`; `timm_io` keeps timm's per-block names.
     """
 
     def __init__(

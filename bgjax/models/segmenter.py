@@ -59,7 +59,7 @@ def _resize(x, size: Sequence[int]):
 def encoder_feature_dims(encoder: nnx.Module) -> tuple[int, ...]:
     """Channels of the maps `encoder_features` returns, coarsest first."""
     if isinstance(encoder, ConvNeXt):
-        return tuple(stage.blocks[0].norm.num_features for stage in reversed(encoder.stages))
+        return tuple(stage.dim for stage in reversed(encoder.stages))
     if isinstance(encoder, VisionTransformer):
         return (encoder.embed_dim,)
     raise TypeError(f"no segmentation features for encoder {type(encoder).__name__}")

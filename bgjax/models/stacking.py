@@ -1,5 +1,5 @@
-"""Running a stack of blocks: named rematerialisation policies, and one `lax.scan` over
-identical blocks instead of an unrolled Python loop.
+"""Running a stack of blocks: named rematerialisation policies, and blocks stored stacked and
+run as one `lax.scan` instead of an unrolled Python loop.
 
 remat (`model.remat`): what each block keeps for the backward pass, the rest it recomputes.
   "none"           everything (no rematerialisation; the default)
@@ -10,24 +10,28 @@ remat (`model.remat`): what each block keeps for the backward pass, the rest it 
 Older configs' True / False mean "full" / "none". 1×1 convolutions (ConvNeXt's conv_mlp) and
 depthwise convolutions are no matmuls: the "dots" policies recompute them.
 
-scan (`model.scan_blocks`): the blocks run as one `jax.lax.scan` over their parameters
-stacked inside the call, so XLA compiles one block instead of `depth` of them. The modules stay
-a list of blocks (`blocks.3.attn.qkv`): parameter names, checkpoints and timm conversion do not
-change. The price is the stacking and the unstacking of the gradients, which XLA compiles too:
-value_and_grad of ConvNeXt-S's 27-block stage compiles in ~3 s instead of ~6-12 s, ViT-L's 24
-blocks in ~3.5 s either way (CPU; pre-stacked parameters would take ~1-2 s). Stochastic
-depth keeps each block's rate and RNG stream: the keys are drawn from each block's `drop_path`
-stream, in the unrolled order, before the scan, so a scanned step draws the masks the unrolled
-model draws.
+scan (`model.scan_blocks`): the blocks are one `Stack`, built with `nnx.vmap`: each parameter
+holds every block's values along a leading axis (`blocks.stacked.attn.qkv.kernel`, shape
+(depth, 768, 2304)), the FSDP sharding spec gets a None for that axis, and the forward pass is
+one `lax.scan` over it, so XLA compiles one block instead of `depth` of them, and the optimizer
+updates one array per parameter of a block instead of `depth` (as MaxText's and big_vision's
+scanned layers). timm's per-block names stay on the outside: `timm_io` reads and writes
+`blocks.3.attn.qkv.weight` (`per_block`), so weights convert both ways whatever the setting.
+Orbax checkpoints hold the train state as it is, stacked: a run resumes with the `scan_blocks`
+it was written with (`rerun` refuses a change), and evaluates and exports from its config.
+
+Stochastic depth in a Stack: the blocks keep timm's rates (rising with depth); each step draws
+one key from the Stack's own stream and splits it per block and per residual branch, so the
+masks are independent across blocks and steps but not the unrolled model's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 REMAT_POLICIES = {
@@ -64,22 +68,90 @@ def with_remat(
     return nnx.remat(fn, static_argnums=static_argnums, policy=REMAT_POLICIES[policy])
 
 
+# The attribute (and parameter-path key) of a Stack's blocks: `blocks.stacked.mlp.fc1.kernel`.
+STACKED = "stacked"
+
+
+class Stack(nnx.Module):
+    """`len(drop_path_rates)` blocks of one architecture as one module: `make_block(rngs)` is
+    built once per block under `nnx.vmap`, each parameter stacked along a new leading axis.
+
+    The blocks are built without stochastic depth (`make_block` passes rate 0): the Stack
+    applies it with each block's rate in `drop_path_rates`, `drop_path_calls` masks per block
+    call (one per residual branch), one keep/drop draw per sample."""
+
+    def __init__(
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        drop_path_rates: Sequence[float],
+        *,
+        drop_path_calls: int,
+        rngs: nnx.Rngs,
+    ):
+        depth = len(drop_path_rates)
+        if depth < 1:
+            raise ValueError("a Stack needs at least one block")
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def build(rngs):
+            return make_block(rngs)
+
+        self.stacked = build(rngs)  # the attribute name is STACKED
+        self.depth = depth
+        self.drop_path_rates = tuple(float(r) for r in drop_path_rates)
+        self.drop_path_calls = drop_path_calls
+        # nnx.Dropout's stream: "dropout", else "default".
+        self.drop_rngs = rngs["dropout"].fork() if any(self.drop_path_rates) else None
+
+    def __len__(self) -> int:
+        return self.depth
+
+    def block(self, index: int) -> nnx.Module:
+        """Block `index` as a module of its own (a copy of its slice of the parameters)."""
+        graphdef, state = nnx.split(self.stacked)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
+
+    def unstacked(self) -> list[nnx.Module]:
+        """The blocks as separate modules (copies), for code that needs to reach into one."""
+        return [self.block(i) for i in range(self.depth)]
+
+
+def build_blocks(
+    make_block: Callable[..., nnx.Module],
+    drop_path_rates: Sequence[float],
+    *,
+    scan: bool,
+    drop_path_calls: int,
+    rngs: nnx.Rngs,
+) -> nnx.List | Stack:
+    """One block per rate, `make_block(drop_path=rate, rngs=rngs)`: a list, or (`scan`) one
+    `Stack` that applies the rates itself."""
+    if scan:
+        return Stack(
+            lambda rngs: make_block(drop_path=0.0, rngs=rngs),
+            drop_path_rates,
+            drop_path_calls=drop_path_calls,
+            rngs=rngs,
+        )
+    return nnx.List([make_block(drop_path=rate, rngs=rngs) for rate in drop_path_rates])
+
+
 def run_blocks(
-    blocks: Sequence[nnx.Module],
+    blocks: Sequence[nnx.Module] | Stack,
     x,
     apply: Apply,
     *,
     remat: str | bool = "none",
-    scan: bool = False,
     train: bool = False,
     collect: bool = False,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """`x` through `blocks` in order -> (output, [each block's output] if `collect` or unrolled).
 
-    Unrolled, each block is one `apply(block, x, None)` (under `nnx.remat` unless "none").
-    `scan` runs them as one `lax.scan` (see `scan_blocks`)."""
-    if scan and len(blocks) > 1:
-        return scan_blocks(blocks, x, apply, remat=remat, train=train, collect=collect)
+    A list runs unrolled, each block one `apply(block, x, None)` (under `nnx.remat` unless
+    "none"); a `Stack` runs as one `lax.scan` over its stacked parameters."""
+    if isinstance(blocks, Stack):
+        return _scan(blocks, x, apply, remat=remat, train=train, collect=collect)
     step = with_remat(apply, remat)
     outputs = []
     for block in blocks:
@@ -88,45 +160,18 @@ def run_blocks(
     return x, outputs
 
 
-def scan_blocks(blocks, x, apply: Apply, *, remat="none", train=False, collect=False):
-    """`run_blocks` as one `lax.scan` over the blocks' parameters, stacked here.
-
-    The blocks must have the same parameter shapes. Their drop path (`block.drop_path`, an
-    `nnx.Dropout` or None; `type(block).drop_path_calls` masks per call) is applied by the scan
-    with each block's rate and keys, which are drawn from each block's stream before the scan,
-    in the unrolled order."""
-    graphdef, _, others = nnx.split(blocks[0], nnx.Param, ...)
-    params = [nnx.state(block, nnx.Param) for block in blocks]
-    for i, p in enumerate(params[1:], 1):
-        if _shapes(p) != _shapes(params[0]):
-            raise ValueError(
-                f"scan_blocks needs blocks with the same parameters; block {i} of "
-                f"{len(blocks)} ({type(blocks[i]).__name__}) differs from block 0"
-            )
-    # The barrier keeps XLA from fusing the stacking into the loop's reads of each step's
-    # slice: that fusion costs more compile time than the scan saves (CPU, ConvNeXt-S stage 3
-    # value_and_grad: 7.9 s -> 3.0 s).
-    stacked = jax.lax.optimization_barrier(jax.tree.map(lambda *leaves: jnp.stack(leaves), *params))
-    drops = [b.drop_path for b in blocks if b.drop_path is not None]
-    dropping = train and bool(drops)
+def _scan(stack: Stack, x, apply: Apply, *, remat, train: bool, collect: bool):
+    graphdef, state = nnx.split(stack.stacked)
+    dropping = train and stack.drop_rngs is not None
     keys = keep = None
     if dropping:
-        calls = type(blocks[0]).drop_path_calls
-        real = [[d.rngs() for _ in range(calls)] for d in drops]
-        unused = jnp.zeros_like(jax.random.key_data(real[0][0]))
-        unused = [jax.random.wrap_key_data(unused, impl=jax.random.key_impl(real[0][0]))] * calls
-        drawn = iter(real)
-        keys = jnp.stack(
-            [jnp.stack(next(drawn) if b.drop_path is not None else unused) for b in blocks]
-        )
-        keep = np.asarray([1.0 - (b.drop_path.rate if b.drop_path else 0.0) for b in blocks])
-        keep = jnp.asarray(keep, jnp.float32)
-        broadcast_dims = drops[0].broadcast_dims
+        keys = jax.random.split(stack.drop_rngs(), (stack.depth, stack.drop_path_calls))
+        keep = jnp.asarray([1.0 - r for r in stack.drop_path_rates], jnp.float32)
 
     def body(carry, step):
-        params, step_keys, step_keep = step
-        block = nnx.merge(graphdef, params, others)
-        drop = _StepDropPath(step_keys, step_keep, broadcast_dims) if dropping else _no_drop_path
+        state, step_keys, step_keep = step
+        block = nnx.merge(graphdef, state)
+        drop = _StepDropPath(step_keys, step_keep) if dropping else _no_drop_path
         y = apply(block, carry, drop)
         return y, y if collect else None
 
@@ -134,12 +179,23 @@ def scan_blocks(blocks, x, apply: Apply, *, remat="none", train=False, collect=F
     if policy != "none":
         # prevent_cse=False: inside a scan no CSE can merge the recomputation away.
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
-    x, ys = jax.lax.scan(body, x, (stacked, keys, keep))
+    x, ys = jax.lax.scan(body, x, (state, keys, keep))
     return x, [] if ys is None else list(ys)
 
 
-def _shapes(state) -> list:
-    return jax.tree.leaves(jax.tree.map(lambda a: (a.shape, a.dtype), state))
+def per_block(path: tuple, value) -> list[tuple[tuple, Any]]:
+    """[(path, value)] of one parameter, a stacked one split into its blocks' (path with the
+    block index for `STACKED`, slice): the per-block names timm and the unrolled model use."""
+    keys = tuple(str(k) for k in path)
+    if STACKED not in keys:
+        return [(path, value)]
+    at = keys.index(STACKED)
+    return [(keys[:at] + (str(i),) + keys[at + 1 :], value[i]) for i in range(value.shape[0])]
+
+
+def stacked_axes(path: Sequence[Any]) -> int:
+    """How many leading axes of the parameter at `path` (plain keys) index blocks: 0 or 1."""
+    return int(STACKED in tuple(str(k) for k in path))
 
 
 def _no_drop_path(y):
@@ -147,19 +203,18 @@ def _no_drop_path(y):
 
 
 class _StepDropPath:
-    """`nnx.Dropout(rate, broadcast_dims)` in training with the rate and keys of the scan's
-    step: the same keep/drop draw and 1/(1-rate) scaling, one key per call."""
+    """Stochastic depth with the rate and keys of the scan's step: one keep/drop draw per
+    sample (every other dim broadcast), survivors scaled by 1/keep, one key per call."""
 
-    def __init__(self, keys, keep, broadcast_dims: Sequence[int]):
+    def __init__(self, keys, keep):
         self.keys = keys
         self.keep = keep
-        self.broadcast_dims = broadcast_dims
         self.calls = 0
 
     def __call__(self, y):
         key = self.keys[self.calls]
         self.calls += 1
-        shape = [1 if d in self.broadcast_dims else n for d, n in enumerate(y.shape)]
+        shape = (y.shape[0],) + (1,) * (y.ndim - 1)
         sharding = jax.typeof(y).sharding
         mask = jax.random.bernoulli(key, p=self.keep, shape=shape, out_sharding=sharding)
         mask = jnp.broadcast_to(mask, y.shape)

@@ -2,6 +2,8 @@
 
 Our NNX parameter paths are timm's module paths, so the mapping is mechanical:
     path  `stages.1.blocks.0.conv_dw.kernel` <-> `stages.1.blocks.0.conv_dw.weight`
+    stacked blocks (`stacking.Stack`) one block per key: `blocks.stacked.attn.qkv.kernel`[3]
+          <-> `blocks.3.attn.qkv.weight`
     conv  kernel HWIO       <-> weight OIHW  (depthwise [7,7,1,C] <-> [C,1,7,7])
     dense kernel [in, out]  <-> weight [out, in]
     norm  scale             <-> weight
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bgjax.models import registry
+from bgjax.models import registry, stacking
 from bgjax.models.pos_embed import fit_pos_embed
 
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias", "head.weight", "head.bias", "fc.weight", "fc.bias")
@@ -64,26 +66,38 @@ def _from_timm(path: tuple, value: np.ndarray) -> np.ndarray:
 
 def to_timm_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """Our parameters (and BN statistics) as a timm-named, timm-laid-out dict of float32
-    NumPy arrays."""
+    NumPy arrays (a `stacking.Stack`'s blocks one by one: `blocks.3.attn.qkv.weight`)."""
     flat = nnx.to_flat_state(nnx.state(model, STORED))
     return {
-        _timm_key(path): np.ascontiguousarray(_to_timm(path, np.asarray(var.get_value())))
-        for path, var in flat
+        _timm_key(path): np.ascontiguousarray(_to_timm(path, value))
+        for stacked_path, var in flat
+        for path, value in stacking.per_block(stacked_path, np.asarray(var.get_value()))
     }
+
+
+def _targets(state: nnx.State) -> dict[str, tuple[tuple, nnx.Variable, int | None]]:
+    """timm key -> (our per-block path, variable, block index in a stacked variable or None)."""
+    targets = {}
+    for stacked_path, var in nnx.to_flat_state(state):
+        blocks = stacking.per_block(stacked_path, var.get_value())
+        for index, (path, _) in enumerate(blocks):
+            stacked = stacking.stacked_axes(stacked_path) > 0
+            targets[_timm_key(path)] = (path, var, index if stacked else None)
+    return targets
 
 
 def load_timm_state_dict(
     model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip: tuple[str, ...] = ()
 ) -> None:
-    """Copy a timm state dict into `model` in place.
+    """Copy a timm state dict into `model` in place (a `stacking.Stack` gets its blocks'
+    per-block keys stacked).
 
     Raises ValueError naming every missing, unexpected or mis-shaped key. Keys in `skip`
     (e.g. the classifier when the class count changes) may be absent and are left untouched.
     A ViT's `pos_embed` of another grid is resampled to the model's grid (`fit_pos_embed`).
     """
     state = nnx.state(model, STORED)
-    flat = list(nnx.to_flat_state(state))
-    ours = {_timm_key(path): (path, var) for path, var in flat}
+    ours = _targets(state)
     given = {
         k: np.asarray(v)
         for k, v in state_dict.items()
@@ -94,15 +108,16 @@ def load_timm_state_dict(
     missing = sorted(set(ours) - set(given) - set(skip))
     unexpected = sorted(set(given) - set(ours))
     wrong = []
+    values: dict[int, tuple[nnx.Variable, dict]] = {}  # id(var) -> (var, {index: value})
     for key in sorted(set(ours) & set(given)):
-        path, var = ours[key]
+        path, var, index = ours[key]
         value = _from_timm(path, given[key])
-        if value.shape != var.get_value().shape:
-            theirs = given[key].shape
-            expects = _to_timm(path, np.empty(var.get_value().shape, np.uint8)).shape
-            wrong.append(f"{key}: checkpoint {theirs}, model expects {expects}")
+        shape = var.get_value().shape[0 if index is None else 1 :]
+        if value.shape != shape:
+            expects = _to_timm(path, np.empty(shape, np.uint8)).shape
+            wrong.append(f"{key}: checkpoint {given[key].shape}, model expects {expects}")
             continue
-        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+        values.setdefault(id(var), (var, {}))[1][index] = value
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -112,6 +127,13 @@ def load_timm_state_dict(
         if wrong:
             parts.append(f"mis-shaped keys ({len(wrong)}): {'; '.join(wrong[:20])}")
         raise ValueError("timm state dict does not match the model: " + " | ".join(parts))
+    for var, by_index in values.values():
+        value = (
+            by_index[None]
+            if None in by_index
+            else np.stack([by_index[i] for i in sorted(by_index)])
+        )
+        var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
     nnx.update(model, state)
 
 
@@ -119,7 +141,7 @@ def _grid_differs(model, given: Mapping[str, np.ndarray], ours: Mapping[str, tup
     """Whether `given` holds a position embedding of another grid than ViT `model`'s."""
     if "pos_embed" not in given or "pos_embed" not in ours or not hasattr(model, "grid_size"):
         return False
-    return given["pos_embed"].shape != ours["pos_embed"][1].get_value().shape
+    return given["pos_embed"].shape != ours["pos_embed"][1].get_value().shape  # never stacked
 
 
 def checkpoint_img_size(model, state_dict: Mapping[str, np.ndarray]) -> tuple[int, int] | None:

@@ -1,10 +1,11 @@
 """Vision Transformer (Dosovitskiy et al. 2021) and DINOv2 in Flax NNX, numerically equal to timm.
 
 Attribute names are timm's module names (`cls_token`, `reg_token`, `pos_embed`,
-`patch_embed.proj`, `blocks.3.attn.qkv`, `blocks.3.ls1.gamma`, `norm`, `head`), so `timm_io`
-converts weights mechanically. Images are NHWC. On top of timm's model: background masking
-(Aniraj et al., ICCVW 2023) and our attention masking, position-embedding resampling to any
-input size (`pos_embed`), named rematerialisation policies and scanning over the blocks
+`patch_embed.proj`, `blocks.3.attn.qkv`, `blocks.3.ls1.gamma`, `norm`, `head`; scanned blocks
+`blocks.stacked.attn.qkv` with a leading block axis), so `timm_io` converts weights
+mechanically. Images are NHWC. On top of timm's model: background masking (Aniraj et al., ICCVW
+2023) and our attention masking, position-embedding resampling to any input size
+(`pos_embed`), named rematerialisation policies and blocks stored stacked and scanned
 (`stacking`), a compute dtype separate from the fp32 parameters, FSDP partitioning metadata on
 kernels, and the lowering of each op chosen once by `kernels` ("auto" | "xla" | "cpu", see
 `cpu_kernels`).
@@ -92,8 +93,8 @@ class VisionTransformer(nnx.Module):
     strategy) only on an even sequence: the tokens are then padded to a multiple of
     `CUDNN_SEQ_MULTIPLE` with padding tokens no token attends to, dropped after the blocks.
     dtype: the compute dtype ("auto": bf16 on accelerators, fp32 on the CPU).
-    remat: a `stacking.REMAT_POLICIES` name (or True / False); scan_blocks: the blocks run as
-    one `lax.scan` (late masking before the last block scans the blocks on each side of it).
+    remat: a `stacking.REMAT_POLICIES` name (or True / False); scan_blocks: the blocks are
+    stored as one `stacking.Stack` and run as one `lax.scan` (timm's names in `timm_io`).
     """
 
     def __init__(
@@ -134,6 +135,12 @@ class VisionTransformer(nnx.Module):
             raise ValueError(f"unknown head_pool {head_pool!r}; expected one of {HEAD_POOLS}")
         if not -depth <= late_block <= -1:
             raise ValueError(f"late_block must be in [-{depth}, -1] (depth {depth}): {late_block}")
+        if scan_blocks and masking == "late" and late_block < -1:
+            raise ValueError(
+                f"scan_blocks stores the blocks as one stacked array, but late_block={late_block} "
+                "masks between blocks and retrains the blocks after the mask on their own: "
+                "set scan_blocks=False (model.scan_blocks) for this late-masking variant"
+            )
         if late_pool not in masking_lib.LATE_POOLS:
             raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
         if pos_embed_init not in POS_EMBED_INITS:
@@ -164,7 +171,6 @@ class VisionTransformer(nnx.Module):
         self.num_pos_prefix_tokens = 0 if no_embed_class else self.num_prefix_tokens
         self.dtype = dtype
         self.remat = stacking.remat_policy(remat)
-        self.scan_blocks = scan_blocks
         self.pos_embed_antialias = pos_embed_antialias
         self.masking = masking
         self.early_fill_value = tuple(float(v) for v in fill)  # static: not a parameter
@@ -192,21 +198,18 @@ class VisionTransformer(nnx.Module):
         else:
             self.pos_embed = nnx.Param(trunc(key(), (1, embed_len, embed_dim)))
         rates = np.linspace(0.0, drop_path_rate, depth).tolist()
-        self.blocks = nnx.List(
-            [
-                Block(
-                    embed_dim,
-                    num_heads,
-                    int(embed_dim * mlp_ratio),
-                    gated_mlp=gated_mlp,
-                    init_values=init_values,
-                    drop_path=rate,
-                    ops=ops,
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for rate in rates
-            ]
+        block = functools.partial(
+            Block,
+            embed_dim,
+            num_heads,
+            int(embed_dim * mlp_ratio),
+            gated_mlp=gated_mlp,
+            init_values=init_values,
+            ops=ops,
+            dtype=dtype,
+        )
+        self.blocks = stacking.build_blocks(
+            block, rates, scan=scan_blocks, drop_path_calls=Block.drop_path_calls, rngs=rngs
         )
         self.late_norm = (
             layers.layer_norm(embed_dim, dtype, rngs, ops)
@@ -283,10 +286,13 @@ class VisionTransformer(nnx.Module):
         splits = [0, self.depth] if mask_after is None else [0, mask_after + 1, self.depth]
         intermediates = []
         for start, stop in zip(splits[:-1], splits[1:]):
+            # A Stack is never split: the constructor refuses scanning with a mask between blocks.
+            blocks = (
+                self.blocks if isinstance(self.blocks, stacking.Stack) else self.blocks[start:stop]
+            )
             tokens, outputs = stacking.run_blocks(
-                self.blocks[start:stop], tokens, apply, remat=self.remat,
-                scan=self.scan_blocks, train=train, collect=collect,
-            )  # fmt: skip
+                blocks, tokens, apply, remat=self.remat, train=train, collect=collect
+            )
             intermediates += [out[:, :length] for out in outputs]
             if stop - 1 == mask_after:
                 tokens = self.late_norm(tokens) * token_scale
