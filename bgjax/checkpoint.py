@@ -132,12 +132,14 @@ class _AfterFailedReads:
 
 
 class _UnretrievedReadErrors(py_logging.Filter):
-    """asyncio's "Future exception was never retrieved" (an ERROR with a traceback) for each
-    other array read of a failed restore: the first error already said what is wrong."""
+    """asyncio's "Future/Task exception was never retrieved" (an ERROR with a traceback) for
+    each other array read of a failed restore: the first error already said what is wrong."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        unretrieved = str(record.msg).startswith("Future exception was never retrieved")
+        unretrieved = str(record.msg).startswith(
+            ("Future exception was never retrieved", "Task exception was never retrieved")
+        )
         return not (unretrieved and "OCDBT database" in str(error))
 
 
