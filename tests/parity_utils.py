@@ -76,3 +76,12 @@ def torch_forward(fn, x_nhwc: np.ndarray) -> np.ndarray:
 def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
     """Normalised-looking NHWC float32 images."""
     return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def masked_batch(size: int, corner: int) -> tuple[np.ndarray, np.ndarray]:
+    """Four images and (4, size, size) foreground masks: a box in the first three, the
+    bottom-right corner from `corner` on in the last (a foreground off the box's cells)."""
+    mask = np.zeros((4, size, size), np.float32)
+    mask[:3, 8:40, 16:56] = 1
+    mask[3, corner:, corner:] = 1
+    return random_images(4, size, seed=1), mask

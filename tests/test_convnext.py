@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from parity_utils import (
+    masked_batch,
     random_images,
     randomize_torch_model,
     require_timm,
@@ -33,12 +34,8 @@ def tiny(**overrides):
 
 @pytest.fixture(scope="module")
 def batch():
-    x = jnp.asarray(random_images(4, SIZE, seed=1))
-    mask = np.zeros((4, SIZE, SIZE), np.float32)
-    mask[:, 8:40, 16:56] = 1
-    mask[3, :, :] = 0
-    mask[3, 50:, 50:] = 1
-    return x, jnp.asarray(mask)
+    x, mask = masked_batch(SIZE, corner=50)
+    return jnp.asarray(x), jnp.asarray(mask)
 
 
 @nnx.jit

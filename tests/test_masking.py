@@ -39,6 +39,17 @@ def test_early_fill_value():
     np.testing.assert_array_equal(masking.early_fill_value("mean", MEAN, STD), np.zeros(3))
     with pytest.raises(ValueError, match="early_fill 'grey'"):
         masking.early_fill_value("grey", MEAN, STD)
+    assert masking.early_fill_value("black", MEAN, STD, in_chans=3).shape == (3,)
+    with pytest.raises(ValueError, match="have 3 values, not 1"):
+        masking.early_fill_value("black", MEAN, STD, in_chans=1)
+
+
+def test_late_options_are_checked():
+    masking.check_late_options("masked_mean", late_stage=4)
+    with pytest.raises(ValueError, match="unknown late_pool 'max'"):
+        masking.check_late_options("max")
+    with pytest.raises(ValueError, match="late_stage must be 3 or 4, got 2"):
+        masking.check_late_options("mean", late_stage=2)
 
 
 def test_early_mask_replaces_only_background():

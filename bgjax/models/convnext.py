@@ -226,13 +226,8 @@ class ConvNeXt(nnx.Module):
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"ConvNeXt needs 4 stages; got depths={depths}, dims={dims}")
         masking_lib.check_strategy(masking)
-        if late_stage not in (3, 4):
-            raise ValueError(f"late_stage must be 3 or 4, got {late_stage!r}")
-        if late_pool not in masking_lib.LATE_POOLS:
-            raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
-        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
-        if fill.shape != (in_chans,):
-            raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+        masking_lib.check_late_options(late_pool, late_stage)
+        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std, in_chans)
         ops = cpu_kernels.ops(kernels, dw_impl=dw_impl)
         dtype = cpu_kernels.resolve_dtype(dtype)  # "auto": bf16 on accelerators
 

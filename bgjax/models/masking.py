@@ -30,6 +30,15 @@ def check_strategy(masking: str, allowed: Sequence[str] = MASKING_STRATEGIES) ->
         raise ValueError(f"unknown masking {masking!r}; expected one of {tuple(allowed)}")
 
 
+def check_late_options(late_pool: str, late_stage: int | None = None) -> None:
+    """Raise a ValueError for an unknown late pooling or (CNNs) a late stage other than 3 or 4:
+    the masking paper masks the output of stage 3 or of stage 4."""
+    if late_pool not in LATE_POOLS:
+        raise ValueError(f"unknown late_pool {late_pool!r}; expected {LATE_POOLS}")
+    if late_stage is not None and late_stage not in (3, 4):
+        raise ValueError(f"late_stage must be 3 or 4, got {late_stage!r}")
+
+
 def check_mask(x, mask, masking: str) -> None:
     """Validate the (image, mask) pair a model is called with, for masking strategy `masking`.
 
@@ -53,14 +62,22 @@ def check_mask(x, mask, masking: str) -> None:
         )
 
 
-def early_fill_value(kind: str, pixel_mean: Sequence[float], pixel_std: Sequence[float]):
-    """Per-channel fill in *normalised* space: "black" is pixel 0, i.e. -mean/std; "mean" is 0."""
+def early_fill_value(
+    kind: str,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    in_chans: int | None = None,
+):
+    """Per-channel fill in *normalised* space: "black" is pixel 0, i.e. -mean/std; "mean" is 0.
+    With `in_chans`, the statistics must have one value per input channel."""
     if kind not in EARLY_FILLS:
         raise ValueError(f"unknown early_fill {kind!r}; expected one of {EARLY_FILLS}")
     mean = np.asarray(pixel_mean, np.float32)
     std = np.asarray(pixel_std, np.float32)
     if mean.shape != std.shape:
         raise ValueError(f"pixel_mean {mean.shape} and pixel_std {std.shape} differ in shape")
+    if in_chans is not None and mean.shape != (in_chans,):
+        raise ValueError(f"pixel_mean/pixel_std have {mean.size} values, not {in_chans}")
     return -mean / std if kind == "black" else np.zeros_like(mean)
 
 

@@ -141,8 +141,7 @@ class VisionTransformer(nnx.Module):
                 "masks between blocks and retrains the blocks after the mask on their own: "
                 "set scan_blocks=False (model.scan_blocks) for this late-masking variant"
             )
-        if late_pool not in masking_lib.LATE_POOLS:
-            raise ValueError(f"unknown late_pool {late_pool!r}; expected {masking_lib.LATE_POOLS}")
+        masking_lib.check_late_options(late_pool)
         if pos_embed_init not in POS_EMBED_INITS:
             raise ValueError(
                 f"unknown pos_embed_init {pos_embed_init!r}; expected one of {POS_EMBED_INITS}"
@@ -153,9 +152,7 @@ class VisionTransformer(nnx.Module):
         grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         if min(grid_size) < 1:
             raise ValueError(f"img_size {img_size} is smaller than patch_size {patch_size}")
-        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std)
-        if fill.shape != (in_chans,):
-            raise ValueError(f"pixel_mean/pixel_std have {fill.shape[0]} values, not {in_chans}")
+        fill = masking_lib.early_fill_value(early_fill, pixel_mean, pixel_std, in_chans)
         dtype = cpu_kernels.resolve_dtype(dtype)
         self.attn_impl = cpu_kernels.resolve_attention(attn_impl, dtype)
         ops = cpu_kernels.ops(kernels, attn_impl=self.attn_impl)
